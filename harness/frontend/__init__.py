@@ -1,0 +1,1 @@
+"""The frontend: resolve discovered cards, preprocess from local_dir, route to engines."""

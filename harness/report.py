@@ -1,0 +1,89 @@
+"""The conformance report: one JSON for machines and one Markdown page for people.
+
+It says where the numbers came from (deployment, machine, commit) and, for every check, its
+outcome, duration and the SPEC sections it covers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+
+
+def machine_info() -> dict[str, Any]:
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"node": platform.node(), "system": platform.system(), "machine": platform.machine(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "memory_bytes": mem}
+
+
+def commit_info(cwd: str | os.PathLike = ".") -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain")
+    return {"id": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": bool(status) if status is not None else None}
+
+
+def build_report(deployment: dict[str, Any], checks: list[dict[str, Any]], root: str | os.PathLike = ".") -> dict:
+    summary = {o: sum(1 for c in checks if c["outcome"] == o) for o in OUTCOMES}
+    return {
+        "schema": 1,
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "deployment": deployment,
+        "machine": machine_info(),
+        "commit": commit_info(root),
+        "summary": {k: v for k, v in summary.items() if v} | {"total": len(checks)},
+        "checks": sorted(checks, key=lambda c: c["id"]),
+    }
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    d = report["deployment"]
+    lines = ["# Conformance report", "",
+             f"- Deployment: **{d.get('kind')}**, frontend `{(d.get('frontend') or {}).get('name')}`"
+             f" {(d.get('frontend') or {}).get('version') or ''}",
+             f"- Cache root: `{d.get('cache_root')}`",
+             f"- Generated: {report['generated_at']} on {report['machine']['node']}"
+             f" ({report['machine']['cpu_count']} cores), commit `{(report['commit'].get('id') or '?')[:12]}`"
+             f"{' (dirty)' if report['commit'].get('dirty') else ''}",
+             "- Summary: " + ", ".join(f"{v} {k}" for k, v in report["summary"].items()), ""]
+    if d.get("engines"):
+        lines += ["## Engines", "", "| name | role | url | version |", "|---|---|---|---|"]
+        lines += [f"| {e['name']} | {e['role']} | {e.get('url') or ''} | {e.get('version') or ''} |"
+                  for e in d["engines"]]
+        lines.append("")
+    lines += ["## Checks", "", "| outcome | check | SPEC | seconds | note |", "|---|---|---|---:|---|"]
+    for c in report["checks"]:
+        lines.append(f"| {c['outcome']} | {_md_escape(c['name'])} | {', '.join(c['spec'])} "
+                     f"| {c['duration_s']:.3f} | {_md_escape(c.get('message') or '')[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], report_dir: str | os.PathLike, stem: str = "conformance") -> tuple[Path, Path]:
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,50 @@
+"""The worker's self-host route (SPEC §2.5): raw bytes, `Not found`, and 500 on a read error."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from fixtures.text_model import make_text_model
+from harness.worker.card_builder import metadata_url, Endpoint
+from harness.worker.metadata_server import MetadataServer
+
+pytestmark = [pytest.mark.spec("2.5"), pytest.mark.embedded_only]
+
+
+@pytest.fixture
+def worker():
+    with MetadataServer() as server:
+        yield server
+
+
+def test_every_card_path_is_a_metadata_url_that_serves_the_raw_bytes(worker, tmp_path):
+    model = make_text_model(tmp_path / "m")
+    card = worker.publish(model, "acme/Tiny-Llama", endpoint="ns/backend/generate")
+    for _, f in card.checked_files():
+        assert f.path == f"{worker.url}/v1/metadata/ns/backend/generate/acme_tiny-llama/_base/{f.name}"
+        resp = requests.get(f.path, timeout=10)
+        assert resp.status_code == 200 and resp.content == (model / f.name).read_bytes()
+
+
+def test_an_unregistered_file_is_404_not_found(worker, tmp_path):
+    worker.publish(make_text_model(tmp_path / "m"), "acme/Tiny-Llama")
+    url = metadata_url(worker.url, Endpoint("dynamo", "backend", "generate"), "acme_tiny-llama", "secrets.txt")
+    resp = requests.get(url, timeout=10)
+    assert (resp.status_code, resp.text) == (404, "Not found")
+
+
+def test_a_read_error_is_500(worker, tmp_path):
+    model = make_text_model(tmp_path / "m")
+    card = worker.publish(model, "acme/Tiny-Llama")
+    (model / "LICENSE").unlink()
+    resp = requests.get(next(f.path for f in card.extra_files if f.name == "LICENSE"), timeout=10)
+    assert resp.status_code == 500
+
+
+def test_a_lora_suffix_is_a_separate_namespace(worker, tmp_path):
+    model = make_text_model(tmp_path / "m")
+    worker.publish(model, "acme/Tiny-Llama")
+    base = metadata_url(worker.url, Endpoint("dynamo", "backend", "generate"), "acme_tiny-llama", "config.json")
+    assert requests.get(base, timeout=10).status_code == 200
+    assert requests.get(base.replace("/_base/", "/my-lora/"), timeout=10).status_code == 404

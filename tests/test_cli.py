@@ -1,0 +1,71 @@
+"""`python -m harness`: the three command contracts, and errors that say what was wrong."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.text_model import make_text_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def harness(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_text_model(tmp_path_factory.mktemp("cli") / "model")
+
+
+def test_card_prints_the_card_json(model):
+    out = harness("card", str(model), "--name", "acme/Tiny-Llama", "--worker-type", "decode", "--block-size", "32")
+    assert out.returncode == 0, out.stderr
+    card = json.loads(out.stdout)
+    assert card["slug"] == "acme_tiny-llama" and card["worker_type"] == "decode"
+    assert card["kv_cache_block_size"] == 32 and card["needs"] == [["prefill"]]
+
+
+def test_card_with_a_self_host_url_points_every_file_at_the_worker(model):
+    out = harness("card", str(model), "--name", "m", "--self-host-url", "http://127.0.0.1:8000")
+    card = json.loads(out.stdout)
+    assert card["model_info"]["hf_config_json"]["path"].startswith("http://127.0.0.1:8000/v1/metadata/")
+    assert card["extra_files"], "self-host cards list extra files"
+
+
+def test_local_dir_defaults_to_home_cache_and_touches_nothing(model, tmp_path, hermetic_home):
+    card_json = tmp_path / "card.json"
+    card_json.write_text(harness("card", str(model), "--name", "m").stdout)
+    out = harness("local-dir", str(card_json))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(hermetic_home / ".cache" / "dynamo" / "mdc" / "by-slug" / "m"))
+    assert not (hermetic_home / ".cache" / "dynamo").exists()
+
+
+def test_resolve_prints_the_local_dir_it_filled(model, tmp_path):
+    card_json = tmp_path / "card.json"
+    card_json.write_text(harness("card", str(model), "--name", "m").stdout)
+    out = harness("resolve", str(card_json), "--cache-root", str(tmp_path / "mdc"))
+    assert out.returncode == 0, out.stderr
+    local_dir = Path(out.stdout.strip())
+    assert local_dir.parent.parent == tmp_path / "mdc" / "by-slug" and (local_dir / "config.json").is_symlink()
+
+
+def test_a_bad_card_exits_1_with_one_line_naming_the_problem(tmp_path):
+    card_json = tmp_path / "card.json"
+    card_json.write_text(json.dumps({"display_name": "m", "extra_files": [{"path": "/x", "checksum": "md5:00"}]}))
+    out = harness("resolve", str(card_json), "--cache-root", str(tmp_path / "mdc"))
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: checksum 'md5:00' uses algorithm 'md5'; only 'blake3' is accepted"
+    assert not (tmp_path / "mdc").exists()
+
+
+def test_a_missing_model_dir_exits_1(tmp_path):
+    out = harness("card", str(tmp_path / "nope"), "--name", "m")
+    assert out.returncode == 1 and "does not exist" in out.stderr

@@ -1,0 +1,114 @@
+"""The suite's own plugin, tested the way pytest tests itself: with pytester, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.resolve import Resolver
+from harness.worker.card_builder import build_card
+from fixtures.text_model import make_text_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = str(REPO_ROOT / "suites" / "test_path_layout.py")
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("--rootdir", str(REPO_ROOT), "-c", str(REPO_ROOT / "pyproject.toml"),
+                                         "-p", "suites.plugin", "-p", "no:cacheprovider",
+                                         "--report-dir", str(pytester.path / "reports"), *args, timeout=300)
+
+
+def report(pytester: pytest.Pytester) -> dict:
+    return json.loads((pytester.path / "reports" / "conformance.json").read_text())
+
+
+def test_the_report_lists_every_check_with_outcome_duration_and_spec(pytester):
+    result = run(pytester, LAYOUT)
+    result.assert_outcomes(passed=26)
+    data = report(pytester)
+    assert data["deployment"]["kind"] == "embedded" and data["deployment"]["cache_root"]
+    assert data["deployment"]["frontend"]["name"] == "harness"
+    assert data["summary"] == {"passed": 26, "total": 26}
+    for check in data["checks"]:
+        assert check["outcome"] == "passed" and check["duration_s"] >= 0 and "1.5" in check["spec"]
+    md = (pytester.path / "reports" / "conformance.md").read_text()
+    assert "| passed | path_layout: no weight file reaches local dir [text-self-host] |" in md
+
+
+def test_the_report_is_complete_under_xdist(pytester):
+    run(pytester, LAYOUT, "-n", "2").assert_outcomes(passed=26)
+    data = report(pytester)
+    assert len(data["checks"]) == 26 and data["deployment"]["kind"] == "embedded"
+
+
+def test_a_failing_check_is_reported_with_its_message(pytester):
+    pytester.makepyfile(test_planted="""
+        import pytest
+        @pytest.mark.spec("9.9")
+        def test_a_planted_failure():
+            assert 1 == 2, "planted"
+        def test_without_spec_is_not_a_conformance_check():
+            pass
+    """)
+    run(pytester, str(pytester.path / "test_planted.py")).assert_outcomes(passed=1, failed=1)
+    (check,) = report(pytester)["checks"]
+    assert check["outcome"] == "failed" and "planted" in check["message"] and check["spec"] == ["9.9"]
+
+
+def test_card_without_cache_root_is_a_usage_error(pytester):
+    result = run(pytester, LAYOUT, "--card", "x.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--card needs --cache-root*"])
+
+
+@pytest.fixture
+def foreign(tmp_path) -> tuple[Path, Path]:
+    """A cache written by 'another frontend' (here the harness, run apart), and its card."""
+    model = make_text_model(tmp_path / "model")
+    card = build_card(model, "vendor/Model-7B")
+    Resolver(tmp_path / "their-mdc").resolve(card)
+    card_json = tmp_path / "vendor-model.json"
+    card_json.write_text(card.dumps())
+    return tmp_path / "their-mdc", card_json
+
+
+def test_the_layout_suite_checks_a_foreign_cache_when_given_one(pytester, foreign):
+    cache_root, card_json = foreign
+    result = run(pytester, LAYOUT, "--cache-root", str(cache_root), "--card", str(card_json))
+    result.assert_outcomes(passed=6)
+    data = report(pytester)
+    assert data["deployment"]["kind"] == "foreign" and data["deployment"]["cache_root"] == str(cache_root)
+    assert all("[vendor-model]" in c["id"] or "[" not in c["id"] for c in data["checks"])
+
+
+def test_the_layout_suite_fails_a_foreign_cache_with_a_relative_link(pytester, foreign):
+    cache_root, card_json = foreign
+    local_dir = next((cache_root / "by-slug" / "vendor_model-7b").iterdir())
+    target = os.readlink(local_dir / "config.json")
+    (local_dir / "config.json").unlink()
+    (local_dir / "config.json").symlink_to(os.path.relpath(target, local_dir))
+    result = run(pytester, LAYOUT, "--cache-root", str(cache_root), "--card", str(card_json))
+    result.assert_outcomes(passed=4, failed=2)  # the link check and the blob check both catch it
+    result.stdout.fnmatch_lines(["*is not an absolute target*"])
+
+
+def test_the_layout_suite_fails_a_foreign_cache_with_a_blob_misnamed(pytester, foreign):
+    cache_root, card_json = foreign
+    blob = next((cache_root / "blobs").iterdir())
+    shutil.copy(blob, cache_root / "blobs" / ("f" * 64))
+    result = run(pytester, LAYOUT, "--cache-root", str(cache_root), "--card", str(card_json))
+    result.assert_outcomes(passed=5, failed=1)
+    result.stdout.fnmatch_lines(["*does not hash to its name*"])
+
+
+def test_fault_injection_checks_are_skipped_against_a_foreign_deployment_with_a_reason(pytester, foreign):
+    cache_root, card_json = foreign
+    result = run(pytester, str(REPO_ROOT / "suites" / "test_failure_modes.py"), "-rs",
+                 "--cache-root", str(cache_root), "--card", str(card_json))
+    assert result.parseoutcomes().get("skipped", 0) > 0 and "passed" not in result.parseoutcomes()
+    result.stdout.fnmatch_lines(["*the deployment under test is foreign*"])
