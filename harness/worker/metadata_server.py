@@ -7,15 +7,14 @@ GET /v1/metadata/{namespace}/{component}/{endpoint}/{slug}/{suffix}/{filename}
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 
 from harness.card import ModelCard
+from harness.http_server import BackgroundServer
 from harness.worker.card_builder import BASE_SUFFIX, DEFAULT_ENDPOINT, Endpoint, build_card, local_files
 
 log = logging.getLogger(__name__)
@@ -62,44 +61,15 @@ def create_app(registry: MetadataRegistry) -> FastAPI:
     return app
 
 
-class MetadataServer:
-    """A uvicorn server in a background thread on 127.0.0.1 and a free port."""
+class MetadataServer(BackgroundServer):
+    """The self-host route in a background thread on 127.0.0.1 and a free port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.registry = MetadataRegistry()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(create_app(self.registry), log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> "MetadataServer":
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name=f"metadata-server:{self.port}", daemon=True)
-        self._thread.start()
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"metadata server on {self.url} exited during start-up")
-            threading.Event().wait(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread:
-            self._thread.join(timeout=10)
-        self._sock.close()
+        super().__init__(create_app(self.registry), host, port, name="metadata-server")
 
     def __enter__(self) -> "MetadataServer":
         return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def publish(self, model_dir: str | Path, name: str, *, endpoint: Endpoint | str = DEFAULT_ENDPOINT,
                 custom_template: str | Path | None = None, **card_kw) -> ModelCard:

@@ -1,0 +1,1 @@
+"""Engine servers: launch profiles (one table), and launchers (subprocess, docker, external URL)."""

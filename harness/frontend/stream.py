@@ -1,0 +1,55 @@
+"""Annotated stream items (SPEC §4.4) and their Server-Sent Events encoding.
+
+An item is `{data?, id?, event?, comment?: [str], error?}`. It is an error when `event == "error"`;
+its text is `error`, else the comments joined, else `unknown error`. Items without data are
+skipped when the stream is folded into a response.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Annotated:
+    data: Any = None
+    id: str | None = None
+    event: str | None = None
+    comment: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.event == "error"
+
+    @property
+    def error_text(self) -> str:
+        if self.error:
+            return self.error
+        if self.comment:
+            return "; ".join(self.comment)
+        return "unknown error"
+
+    @classmethod
+    def failure(cls, message: str) -> "Annotated":
+        return cls(event="error", error=message)
+
+
+def sse(item: Annotated) -> bytes:
+    """One SSE message. Errors become `event: error` with an OpenAI-style error body."""
+    lines = [f": {c}" for c in item.comment]
+    if item.id:
+        lines.append(f"id: {item.id}")
+    if item.is_error:
+        lines.append("event: error")
+        lines.append("data: " + json.dumps({"error": {"message": item.error_text, "type": "engine_error"}}))
+    elif item.event:
+        lines.append(f"event: {item.event}")
+    if item.data is not None and not item.is_error:
+        lines.append("data: " + (item.data if isinstance(item.data, str) else json.dumps(item.data)))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+DONE = b"data: [DONE]\n\n"

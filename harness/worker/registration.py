@@ -1,0 +1,69 @@
+"""Register one engine as a worker (SPEC §3): self-hosted card, a model entry, a renewed lease.
+
+The lease is renewed only while the engine answers `/health`, so an engine that dies takes its
+entry with it when the lease runs out, the same way an etcd lease expires with its worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import requests
+
+from harness.discovery import DEFAULT_LEASE_S, MODEL_TYPE_FOR_ROLE, ModelEntry, Store
+from harness.worker.card_builder import DEFAULT_ENDPOINT
+from harness.worker.metadata_server import MetadataServer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRegistration:
+    def __init__(self, store: Store, metadata: MetadataServer, *, engine_url: str, model_dir: str | Path,
+                 name: str, role: str | None, block_size: int, endpoint: str = DEFAULT_ENDPOINT,
+                 lease_s: float = DEFAULT_LEASE_S, context_length: int | None = None):
+        self.store, self.metadata, self.engine_url = store, metadata, engine_url.rstrip("/")
+        self.model_dir, self.name, self.role, self.block_size = Path(model_dir), name, role, block_size
+        self.endpoint, self.lease_s, self.context_length = endpoint, lease_s, context_length
+        self.entry: ModelEntry | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def engine_healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.engine_url}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def start(self) -> ModelEntry:
+        card = self.metadata.publish(self.model_dir, self.name, worker_type=self.role, block_size=self.block_size,
+                                     endpoint=self.endpoint, context_length=self.context_length)
+        self.entry = ModelEntry(name=self.name, endpoint=self.endpoint, model_type=MODEL_TYPE_FOR_ROLE[self.role],
+                                card=card.to_json(), instance_id=os.urandom(8).hex(), url=self.engine_url,
+                                role=self.role)
+        self.store.put(self.entry, self.lease_s)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._keepalive, name=f"lease:{self.entry.key}", daemon=True)
+        self._thread.start()
+        log.info("registered %s (%s) as %s", self.name, self.role, self.entry.key)
+        return self.entry
+
+    def _keepalive(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            if not self.engine_healthy():
+                log.warning("engine %s stopped answering /health; letting the lease of %s expire",
+                            self.engine_url, self.entry.key)
+                return
+            if not self.store.renew(self.entry.key, self.lease_s):
+                log.warning("lease of %s was lost; re-registering", self.entry.key)
+                self.store.put(self.entry, self.lease_s)
+
+    def stop(self) -> None:
+        """A clean stop deletes the entry at once; the frontend need not wait for the lease."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if self.entry:
+            self.store.delete(self.entry.key)

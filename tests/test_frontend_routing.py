@@ -1,0 +1,161 @@
+"""The reference frontend's routed engine, against fake engines (fast, with fault injection).
+
+The same behaviours are checked against real vLLM in suites/test_disagg_*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+import requests
+
+from harness.frontend.router import FAULT_DROP_KV_TRANSFER_PARAMS, PREFILL_KV_TRANSFER_PARAMS
+
+PROMPT = "Hello, how are you today? The quick brown fox jumps over the lazy dog. " * 3
+
+
+def complete(cluster, **body) -> requests.Response:
+    return requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8,
+                                                                 **body}, timeout=30)
+
+
+def test_with_no_prefill_worker_the_request_goes_to_decode_unchanged(cluster, fake_engines):
+    decode = fake_engines("decode")
+    cluster.register(decode)
+    cluster.wait_for_roles({"decode"})
+    resp = complete(cluster)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-disagg-mode"] == "aggregated"
+    (body,) = decode.state.bodies
+    assert "kv_transfer_params" not in body
+    assert decode.state.counters["local_compute"] > 0 and decode.state.counters["external_kv_transfer"] == 0
+
+
+def test_the_prefill_gets_a_one_token_non_streaming_copy_with_remote_decode_params(cluster, fake_engines):
+    prefill, decode = fake_engines("prefill"), fake_engines("decode")
+    cluster.register(prefill)
+    cluster.register(decode)
+    cluster.wait_for_roles({"prefill", "decode"})
+    resp = requests.post(
+        f"{cluster.url}/v1/completions", headers={"X-Request-Id": "req-42"}, timeout=30,
+        json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "min_tokens": 4, "stream": True,
+              "stream_options": {"include_usage": True}})
+    assert resp.status_code == 200 and resp.headers["x-disagg-mode"] == "disaggregated"
+    (p,), (d,) = prefill.state.bodies, decode.state.bodies
+    assert p["kv_transfer_params"] == PREFILL_KV_TRANSFER_PARAMS
+    assert p["stream"] is False and p["max_tokens"] == 1
+    assert "stream_options" not in p and "min_tokens" not in p
+    assert d["min_tokens"] == 4 and d["max_tokens"] == 8, "decode gets the original request back"
+    assert d["kv_transfer_params"]["remote_engine_id"] == prefill.state.engine_id
+    assert prefill.state.request_ids == decode.state.request_ids == ["req-42"]
+    assert decode.state.counters["external_kv_transfer"] > 0 and decode.state.counters["local_compute"] == 0
+
+
+def test_final_usage_reports_the_prefills_prompt_tokens_details(cluster, fake_engines):
+    prefill, decode = fake_engines("prefill"), fake_engines("decode")
+    cluster.register(prefill)
+    cluster.register(decode)
+    cluster.wait_for_roles({"prefill", "decode"})
+    complete(cluster)
+    usage = complete(cluster).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 32, "the prefill's prefix hit must reach the client"
+
+
+def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_engines):
+    prefill, decode = fake_engines("prefill", fail_status=500), fake_engines("decode")
+    cluster.register(prefill)
+    cluster.register(decode)
+    cluster.wait_for_roles({"prefill", "decode"})
+    resp = complete(cluster)
+    assert resp.status_code == 502
+    assert "prefill worker" in resp.json()["error"]["message"] and "HTTP 500" in resp.json()["error"]["message"]
+    assert decode.state.bodies == [], "the decode worker must not re-run the prefill"
+
+
+def test_a_prefill_without_kv_transfer_params_is_an_error(cluster, fake_engines):
+    prefill, decode = fake_engines("prefill", omit_kv_transfer_params=True), fake_engines("decode")
+    cluster.register(prefill)
+    cluster.register(decode)
+    cluster.wait_for_roles({"prefill", "decode"})
+    resp = complete(cluster)
+    assert resp.status_code == 502 and "no usable kv_transfer_params" in resp.json()["error"]["message"]
+    assert decode.state.bodies == []
+
+
+def test_a_decode_worker_that_dies_mid_stream_gives_the_client_an_error_event(cluster, fake_engines):
+    decode = fake_engines("decode", die_after_tokens=3)
+    cluster.register(decode)
+    cluster.wait_for_roles({"decode"})
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
+                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": 50, "stream": True}) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert "event: error" in lines, lines[-3:]
+    message = json.loads(lines[lines.index("event: error") + 1][len("data: "):])["error"]["message"]
+    assert "decode worker" in message and "mid-stream" in message or "before [DONE]" in message
+    assert "data: [DONE]" not in lines
+
+
+def test_a_non_streaming_request_to_a_dying_decode_is_a_502(cluster, fake_engines):
+    decode = fake_engines("decode", die_after_tokens=3)
+    cluster.register(decode)
+    cluster.wait_for_roles({"decode"})
+    resp = complete(cluster, max_tokens=50)
+    assert resp.status_code == 502 and "decode worker" in resp.json()["error"]["message"]
+
+
+def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
+    decode = fake_engines("decode", token_delay_s=0.05)
+    cluster.register(decode)
+    cluster.wait_for_roles({"decode"})
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
+                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": 500, "stream": True}) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i >= 4:
+                break
+        assert decode.state.running == 1
+    deadline = time.monotonic() + 10
+    while decode.state.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert decode.state.running == 0, "the decode request kept running after the client left"
+
+
+def test_the_planted_kv_drop_makes_decode_recompute(make_cluster, fake_engines):
+    """The planted bug behind SPEC §7 R7: the checks in suites/ must see local_compute rise."""
+    cluster = make_cluster(faults=frozenset({FAULT_DROP_KV_TRANSFER_PARAMS}))
+    prefill, decode = fake_engines("prefill"), fake_engines("decode")
+    cluster.register(prefill)
+    cluster.register(decode)
+    cluster.wait_for_roles({"prefill", "decode"})
+    assert complete(cluster).status_code == 200
+    assert decode.state.counters["local_compute"] > 0 and decode.state.counters["external_kv_transfer"] == 0
+
+
+def test_chat_completions_are_templated_from_local_dir_and_shaped_as_chat(cluster, fake_engines):
+    decode = fake_engines("decode")
+    cluster.register(decode)
+    cluster.wait_for_roles({"decode"})
+    resp = requests.post(f"{cluster.url}/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hi there"}], "max_completion_tokens": 5})
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["object"] == "chat.completion" and data["choices"][0]["message"]["role"] == "assistant"
+    (body,) = decode.state.bodies
+    pre = cluster.frontend.manager.models["tiny"].preprocessor
+    assert body["prompt"] == pre.encode("<s><|user|>\nHi there</s>\n<|assistant|>\n") and body["max_tokens"] == 5
+
+
+def test_kv_aware_selection_sends_a_repeated_prefix_to_the_same_worker(make_cluster, fake_engines):
+    cluster = make_cluster(selection="kv")
+    a, b = fake_engines("decode", name="decode-a"), fake_engines("decode", name="decode-b")
+    cluster.register(a)
+    cluster.register(b)
+    cluster.wait_until(lambda c: len(c.frontend.manager.models.get("tiny").engine.instances()) == 2
+                       if c.frontend.manager.models.get("tiny") else False, "two decode workers")
+    first = complete(cluster).headers["x-disagg-decode-worker"]
+    again = [complete(cluster).headers["x-disagg-decode-worker"] for _ in range(3)]
+    assert again == [first] * 3
+    other = complete(cluster, prompt="A completely different prompt about trains and buses " * 3)
+    assert other.status_code == 200
