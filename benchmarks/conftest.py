@@ -33,14 +33,15 @@ def median_seconds(fn: Callable[[], object], rounds: int, setup: Callable[[], ob
 
 @pytest.fixture
 def record_ratio(benchmark):
-    def record(name: str, baseline_s: float, limit: float, **info) -> float:
-        target_s = benchmark.stats.stats.median
+    def record(name: str, baseline_s: float, limit: float, target_s: float | None = None, **info) -> float:
+        """ratio = target / baseline; the target defaults to the benchmark's median."""
+        target_s = benchmark.stats.stats.median if target_s is None else target_s
         ratio = target_s / baseline_s
         entry = {"name": name, "target_s": target_s, "baseline_s": baseline_s, "ratio": ratio, "limit": limit, **info}
         benchmark.extra_info.update(entry)
         RESULTS.append(entry)
-        print(f"\n{name}: {target_s * 1e3:.2f} ms vs baseline {baseline_s * 1e3:.2f} ms -> ratio {ratio:.2f}"
-              f" (limit {limit})")
+        shown = "reported only" if limit == float("inf") else f"limit {limit}"
+        print(f"\n{name}: {target_s * 1e3:.2f} ms vs baseline {baseline_s * 1e3:.2f} ms -> ratio {ratio:.2f} ({shown})")
         return ratio
 
     return record
@@ -48,13 +49,14 @@ def record_ratio(benchmark):
 
 def write_bench_report(results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    data = {"machine": machine_info(), "commit": commit_info(out.parent), "results": results}
+    data = {"machine": machine_info(), "commit": commit_info(out.parent),
+            "results": [{**r, "limit": None if r["limit"] == float("inf") else r["limit"]} for r in results]}
     (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# Benchmarks", "", f"Machine: {data['machine']['node']}, {data['machine']['cpu_count']} cores; "
              f"commit `{(data['commit'].get('id') or '?')[:12]}`", "",
              "| bench | target (ms) | baseline (ms) | ratio | limit |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['name']} | {r['target_s'] * 1e3:.2f} | {r['baseline_s'] * 1e3:.2f} | {r['ratio']:.2f} "
-              f"| {r['limit']} |" for r in results]
+              f"| {r['limit'] if r['limit'] != float('inf') else 'reported only'} |" for r in results]
     lines += ["", "![ratios](bench.png)", ""]
     (out / "bench.md").write_text("\n".join(lines))
 
@@ -66,7 +68,9 @@ def write_bench_report(results: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.7 * len(results)))
     names = [r["name"] for r in results]
     ax.barh(names, [r["ratio"] for r in results], color="tab:blue", label="measured ratio")
-    ax.scatter([r["limit"] for r in results], names, color="tab:red", marker="|", s=400, label="limit")
+    limited = [r for r in results if r["limit"] != float("inf")]
+    ax.scatter([r["limit"] for r in limited], [r["name"] for r in limited], color="tab:red", marker="|", s=400,
+               label="limit")
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("time / baseline time (lower is better; 1.0 = as fast as the baseline)")
     for y, r in enumerate(results):

@@ -159,3 +159,19 @@ def test_kv_aware_selection_sends_a_repeated_prefix_to_the_same_worker(make_clus
     assert again == [first] * 3
     other = complete(cluster, prompt="A completely different prompt about trains and buses " * 3)
     assert other.status_code == 200
+
+
+def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_room(make_cluster, fake_engines):
+    cluster = make_cluster(protocol="sglang")
+    prefill, decode = fake_engines("prefill"), fake_engines("decode")
+    cluster.register(prefill)
+    cluster.register(decode)
+    cluster.wait_for_roles({"prefill", "decode"})
+    assert complete(cluster).status_code == 200
+    deadline = time.monotonic() + 10
+    while not prefill.state.bodies and time.monotonic() < deadline:
+        time.sleep(0.05)  # the prefill runs in the background
+    (p,), (d,) = prefill.state.bodies, decode.state.bodies
+    assert p["bootstrap_room"] == d["bootstrap_room"] and 0 <= p["bootstrap_room"] < 2**63
+    assert p["bootstrap_host"] == d["bootstrap_host"] == "127.0.0.1"
+    assert "kv_transfer_params" not in d

@@ -1,0 +1,41 @@
+"""Run the reference frontend as a process: `python -m harness.frontend --store DIR --port N`.
+
+It watches the file store for worker entries, resolves their cards into --cache-root, and serves
+the OpenAI API on 127.0.0.1 until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from harness.card import default_cache_root
+from harness.discovery import FileStore
+from harness.frontend.server import Frontend
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m harness.frontend", description=__doc__.split("\n")[0])
+    p.add_argument("--store", required=True, help="the discovery store directory workers register in")
+    p.add_argument("--cache-root", default=None, help="metadata cache root (default: $HOME/.cache/dynamo/mdc)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--selection", choices=["round_robin", "kv"], default="round_robin")
+    p.add_argument("--protocol", choices=["vllm", "sglang"], default="vllm")
+    p.add_argument("--timeout", type=float, default=120.0, help="engine request timeout, seconds")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is too much
+    frontend = Frontend(FileStore(args.store), args.cache_root or default_cache_root(), port=args.port,
+                        selection=args.selection, protocol=args.protocol, timeout_s=args.timeout).start()
+    print(f"frontend listening on {frontend.url}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    frontend.stop()
+
+
+if __name__ == "__main__":
+    main()
