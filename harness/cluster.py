@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Cluster:
     def __init__(self, workdir: str | Path, model_dir: str | Path, served_name: str, *, block_size: int,
                  selection: str = "round_robin", protocol: str = "vllm", timeout_s: float = 120.0,
-                 faults: frozenset[str] = frozenset(), lease_s: float = 5.0):
+                 faults: frozenset[str] = frozenset(), lease_s: float = 10.0):
         self.workdir = Path(workdir)
         self.model_dir, self.served_name, self.block_size, self.lease_s = Path(model_dir), served_name, block_size, lease_s
         self.store = FileStore(self.workdir / "discovery")

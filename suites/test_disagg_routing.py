@@ -42,6 +42,7 @@ def test_greedy_output_through_disagg_equals_aggregated_token_for_token(disagg, 
     before = Metrics.scrape(disagg.url("decode"))
     resp = complete(disagg.frontend_url, disagg.model, PROMPTS[name])
     after = Metrics.scrape(disagg.url("decode"))
+    assert resp.headers.get("x-disagg-mode", "disaggregated") == "disaggregated", "the frontend served aggregated"
     assert token_ids(resp) == reference, f"{name}: disaggregated output diverged from aggregated"
     if name == "shares-a-prefix":  # the decode may hold the shared blocks from the earlier transfer
         numbers = {"prompt_tokens": prompt_tokens(resp), **{k: after.delta(before, "vllm:prompt_tokens_by_source_total",

@@ -33,7 +33,7 @@ class WorkerRegistration:
 
     def engine_healthy(self) -> bool:
         try:
-            return requests.get(f"{self.engine_url}/health", timeout=2).status_code == 200
+            return requests.get(f"{self.engine_url}/health", timeout=min(3.0, self.lease_s / 3)).status_code == 200
         except requests.RequestException:
             return False
 
@@ -51,13 +51,19 @@ class WorkerRegistration:
         return self.entry
 
     def _keepalive(self) -> None:
+        """Renew while healthy; skip renewals while not, so a dead engine's lease lapses. An engine
+        that was only slow (a missed health check on a loaded host) registers again when it answers."""
+        failing = False
         while not self._stop.wait(self.lease_s / 3):
             if not self.engine_healthy():
-                log.warning("engine %s stopped answering /health; letting the lease of %s expire",
-                            self.engine_url, self.entry.key)
-                return
+                if not failing:
+                    log.warning("engine %s is not answering /health; not renewing the lease of %s",
+                                self.engine_url, self.entry.key)
+                failing = True
+                continue
+            failing = False
             if not self.store.renew(self.entry.key, self.lease_s):
-                log.warning("lease of %s was lost; re-registering", self.entry.key)
+                log.warning("lease of %s had lapsed; registering again", self.entry.key)
                 self.store.put(self.entry, self.lease_s)
 
     def stop(self) -> None:
