@@ -18,15 +18,6 @@ FOREIGN = "foreign"
 
 
 @dataclass
-class Engine:
-    name: str
-    role: str  # prefill | decode | aggregated
-    url: str | None = None
-    version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class CardUnderTest:
     """A card as its worker published it, and the source dir it came from when known."""
 
@@ -41,7 +32,6 @@ class Deployment:
     kind: str
     cache_root: Path
     frontend: dict[str, Any]
-    engines: list[Engine] = field(default_factory=list)
     cards: list[CardUnderTest] = field(default_factory=list)
 
     @property
@@ -55,7 +45,7 @@ class Deployment:
         return {
             "kind": self.kind,
             "frontend": self.frontend,
-            "engines": [e.__dict__ for e in self.engines],
+            "engines": [],  # the metadata checks talk to no engine; the serving side adds them
             "cache_root": str(self.cache_root),
             "cards": [{"label": c.label, "display_name": c.card.display_name, "mode": c.mode,
                        "local_dir": str(c.card.local_dir(self.cache_root))} for c in self.cards],

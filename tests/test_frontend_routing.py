@@ -17,6 +17,13 @@ from harness.frontend.router import FAULT_DROP_KV_TRANSFER_PARAMS, PREFILL_KV_TR
 PROMPT = "Hello, how are you today? The quick brown fox jumps over the lazy dog. " * 3
 
 
+def serve(cluster, *engines) -> None:
+    """Register the engines with the cluster's worker side and wait until the frontend routes to them."""
+    for engine in engines:
+        cluster.register(engine)
+    cluster.wait_for_roles({e.role for e in engines})
+
+
 def complete(cluster, **body) -> requests.Response:
     return requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8,
                                                                  **body}, timeout=30)
@@ -24,8 +31,7 @@ def complete(cluster, **body) -> requests.Response:
 
 def test_with_no_prefill_worker_the_request_goes_to_decode_unchanged(cluster, fake_engines):
     decode = fake_engines("decode")
-    cluster.register(decode)
-    cluster.wait_for_roles({"decode"})
+    serve(cluster, decode)
     resp = complete(cluster)
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-disagg-mode"] == "aggregated"
@@ -36,9 +42,7 @@ def test_with_no_prefill_worker_the_request_goes_to_decode_unchanged(cluster, fa
 
 def test_the_prefill_gets_a_one_token_non_streaming_copy_with_remote_decode_params(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    cluster.register(prefill)
-    cluster.register(decode)
-    cluster.wait_for_roles({"prefill", "decode"})
+    serve(cluster, prefill, decode)
     resp = requests.post(
         f"{cluster.url}/v1/completions", headers={"X-Request-Id": "req-42"}, timeout=30,
         json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "min_tokens": 4, "stream": True,
@@ -56,9 +60,7 @@ def test_the_prefill_gets_a_one_token_non_streaming_copy_with_remote_decode_para
 
 def test_final_usage_reports_the_prefills_prompt_tokens_details(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    cluster.register(prefill)
-    cluster.register(decode)
-    cluster.wait_for_roles({"prefill", "decode"})
+    serve(cluster, prefill, decode)
     complete(cluster)
     usage = complete(cluster).json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] >= 32, "the prefill's prefix hit must reach the client"
@@ -66,9 +68,7 @@ def test_final_usage_reports_the_prefills_prompt_tokens_details(cluster, fake_en
 
 def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_engines):
     prefill, decode = fake_engines("prefill", fail_status=500), fake_engines("decode")
-    cluster.register(prefill)
-    cluster.register(decode)
-    cluster.wait_for_roles({"prefill", "decode"})
+    serve(cluster, prefill, decode)
     resp = complete(cluster)
     assert resp.status_code == 502
     assert "prefill worker" in resp.json()["error"]["message"] and "HTTP 500" in resp.json()["error"]["message"]
@@ -77,9 +77,7 @@ def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_eng
 
 def test_a_prefill_without_kv_transfer_params_is_an_error(cluster, fake_engines):
     prefill, decode = fake_engines("prefill", omit_kv_transfer_params=True), fake_engines("decode")
-    cluster.register(prefill)
-    cluster.register(decode)
-    cluster.wait_for_roles({"prefill", "decode"})
+    serve(cluster, prefill, decode)
     resp = complete(cluster)
     assert resp.status_code == 502 and "no usable kv_transfer_params" in resp.json()["error"]["message"]
     assert decode.state.bodies == []
@@ -87,8 +85,7 @@ def test_a_prefill_without_kv_transfer_params_is_an_error(cluster, fake_engines)
 
 def test_a_decode_worker_that_dies_mid_stream_gives_the_client_an_error_event(cluster, fake_engines):
     decode = fake_engines("decode", die_after_tokens=3)
-    cluster.register(decode)
-    cluster.wait_for_roles({"decode"})
+    serve(cluster, decode)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 50, "stream": True}) as resp:
         lines = [line for line in resp.iter_lines() if line]
@@ -100,16 +97,14 @@ def test_a_decode_worker_that_dies_mid_stream_gives_the_client_an_error_event(cl
 
 def test_a_non_streaming_request_to_a_dying_decode_is_a_502(cluster, fake_engines):
     decode = fake_engines("decode", die_after_tokens=3)
-    cluster.register(decode)
-    cluster.wait_for_roles({"decode"})
+    serve(cluster, decode)
     resp = complete(cluster, max_tokens=50)
     assert resp.status_code == 502 and "decode worker" in resp.json()["error"]["message"]
 
 
 def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
     decode = fake_engines("decode", token_delay_s=0.05)
-    cluster.register(decode)
-    cluster.wait_for_roles({"decode"})
+    serve(cluster, decode)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 500, "stream": True}) as resp:
         for i, _ in enumerate(resp.iter_lines()):
@@ -126,17 +121,14 @@ def test_the_planted_kv_drop_makes_decode_recompute(make_cluster, fake_engines):
     """The planted bug behind SPEC §7 R7: the checks in suites/ must see local_compute rise."""
     cluster = make_cluster(faults=frozenset({FAULT_DROP_KV_TRANSFER_PARAMS}))
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    cluster.register(prefill)
-    cluster.register(decode)
-    cluster.wait_for_roles({"prefill", "decode"})
+    serve(cluster, prefill, decode)
     assert complete(cluster).status_code == 200
     assert decode.state.counters["local_compute"] > 0 and decode.state.counters["external_kv_transfer"] == 0
 
 
 def test_chat_completions_are_templated_from_local_dir_and_shaped_as_chat(cluster, fake_engines):
     decode = fake_engines("decode")
-    cluster.register(decode)
-    cluster.wait_for_roles({"decode"})
+    serve(cluster, decode)
     resp = requests.post(f"{cluster.url}/v1/chat/completions", timeout=30, json={
         "model": "tiny", "messages": [{"role": "user", "content": "Hi there"}], "max_completion_tokens": 5})
     assert resp.status_code == 200, resp.text
@@ -164,9 +156,7 @@ def test_kv_aware_selection_sends_a_repeated_prefix_to_the_same_worker(make_clus
 def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_room(make_cluster, fake_engines):
     cluster = make_cluster(protocol="sglang")
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    cluster.register(prefill)
-    cluster.register(decode)
-    cluster.wait_for_roles({"prefill", "decode"})
+    serve(cluster, prefill, decode)
     assert complete(cluster).status_code == 200
     deadline = time.monotonic() + 10
     while not prefill.state.bodies and time.monotonic() < deadline:
