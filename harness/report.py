@@ -54,6 +54,23 @@ def build_report(deployment: dict[str, Any], checks: list[dict[str, Any]], root:
     }
 
 
+def _section_key(section: str) -> tuple:
+    """SPEC sections in numeric order, then the regressions (R1, R2, ...)."""
+    if section.startswith("R") and section[1:].isdigit():
+        return (1, int(section[1:]))
+    return (0, *[int(p) if p.isdigit() else 0 for p in section.split(".")])
+
+
+def _properties_note(props: dict[str, Any]) -> str:
+    """What a check measured, compactly: e.g. `kv: external_kv_transfer=70 local_compute=0`."""
+    parts = []
+    for key, value in props.items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        parts.append(f"{key}: {value}")
+    return "; ".join(parts)
+
+
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -73,10 +90,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {e['name']} | {e['role']} | {e.get('url') or ''} | {e.get('version') or ''} |"
                   for e in d["engines"]]
         lines.append("")
-    lines += ["## Checks", "", "| outcome | check | SPEC | seconds | note |", "|---|---|---|---:|---|"]
+    lines += ["## By SPEC section", "", "| section | " + " | ".join(OUTCOMES) + " |",
+              "|---|" + "---:|" * len(OUTCOMES)]
+    sections = sorted({s for c in report["checks"] for s in c["spec"]}, key=_section_key)
+    for section in sections:
+        counts = [sum(1 for c in report["checks"] if section in c["spec"] and c["outcome"] == o) for o in OUTCOMES]
+        lines.append(f"| {section} | " + " | ".join(str(n) if n else "" for n in counts) + " |")
+    lines += ["", "## Checks", "", "| outcome | check | SPEC | seconds | note |", "|---|---|---|---:|---|"]
     for c in report["checks"]:
+        note = c.get("message") or _properties_note(c.get("properties") or {})
         lines.append(f"| {c['outcome']} | {_md_escape(c['name'])} | {', '.join(c['spec'])} "
-                     f"| {c['duration_s']:.3f} | {_md_escape(c.get('message') or '')[:160]} |")
+                     f"| {c['duration_s']:.3f} | {_md_escape(note)[:200]} |")
     return "\n".join(lines) + "\n"
 
 
