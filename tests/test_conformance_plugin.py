@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+# pytester restores sys.modules after each test; extension modules (numpy's core, tokenizers) cannot be
+# loaded twice in one process, so they are imported here, before any snapshot is taken.
+import numpy  # noqa: F401
+import tokenizers  # noqa: F401
+import transformers  # noqa: F401
+
 from harness.resolve import Resolver
 from harness.worker.card_builder import build_card
 from fixtures.text_model import make_text_model
