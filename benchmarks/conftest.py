@@ -65,7 +65,7 @@ def write_bench_report(results: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.7 * len(results)))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(results)))
     names = [r["name"] for r in results]
     ax.barh(names, [r["ratio"] for r in results], color="tab:blue", label="measured ratio")
     limited = [r for r in results if r["limit"] != float("inf")]
@@ -77,7 +77,7 @@ def write_bench_report(results: list[dict], out: Path) -> None:
         ax.annotate(f"{r['ratio']:.2f}", (r["ratio"], y), xytext=(4, 0), textcoords="offset points", va="center")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
+    fig.savefig(out / "bench.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
