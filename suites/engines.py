@@ -19,6 +19,7 @@ import requests
 
 import harness
 from harness.cluster import Cluster
+from harness.engines.docker_launcher import DockerEngine, choose_launcher
 from harness.engines.external import ExternalEngine
 from harness.engines.launcher import EngineProcess, Progress, free_port, stderr_progress
 from harness.engines.profiles import ROLES, EngineProfile
@@ -58,6 +59,7 @@ class EngineDeployment:
     workdir: Path | None = None
     log_dir: Path | None = None
     python: str | None = None
+    launcher: str = "auto"  # auto | subprocess | docker
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -91,9 +93,14 @@ class EngineDeployment:
                                         self.workdir, python=self.python)
         return dataclasses.replace(spec, env={**spec.env, **self.extra_env})
 
+    def _engine(self, spec):
+        if choose_launcher(self.launcher, spec) == "docker":
+            return DockerEngine(spec, str(self.cluster.model_dir))
+        return EngineProcess(spec, self.log_dir)
+
     def launch(self, roles: tuple[str, ...], progress: Progress = stderr_progress) -> None:
         """Start these roles' engines at once, wait for all, register prefill/decode with the frontend."""
-        started = {role: EngineProcess(self._spec(role), self.log_dir).start() for role in roles}
+        started = {role: self._engine(self._spec(role)).start() for role in roles}
         self.engines.update(started)
         for engine in started.values():
             engine.wait_healthy(self.profile.startup_timeout_s, progress)
@@ -130,7 +137,7 @@ class EngineDeployment:
 
 
 def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, python: str,
-                   progress: Progress = stderr_progress) -> EngineDeployment:
+                   progress: Progress = stderr_progress, launcher: str = "auto") -> EngineDeployment:
     # A short scratch path: vLLM puts ZMQ unix sockets under TMPDIR, and those paths are length-capped.
     workdir = Path(tempfile.mkdtemp(prefix="disagg-"))
     env = {"VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir / "tmp"),
@@ -139,7 +146,7 @@ def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, pytho
     cluster = Cluster(workdir / "cluster", model_dir, MODEL, block_size=profile.block_size, protocol=profile.protocol,
                       timeout_s=profile.request_timeout_s).start()
     deployment = EngineDeployment("embedded", cluster.url, {}, profile=profile, cluster=cluster, workdir=workdir,
-                                  log_dir=log_dir, python=python, extra_env=env)
+                                  log_dir=log_dir, python=python, launcher=launcher, extra_env=env)
     progress(f"[deployment {profile.name}] starting {', '.join(ROLES)} engines (logs: {log_dir})")
     try:
         deployment.launch(ROLES, progress)

@@ -35,6 +35,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--engine-url", metavar="ROLE=URL", action="append", default=[],
                     help="an engine behind --frontend-url, for its /metrics (repeatable): prefill=..., "
                          "decode=..., and aggregated=... as the reference for output equality")
+    group.addoption("--launcher", choices=["auto", "subprocess", "docker"], default="auto",
+                    help="how engines start: auto = docker for profiles with an image when a daemon answers, "
+                         "else subprocesses")
     group.addoption("--engine-python", metavar="PATH", default=None,
                     help="the interpreter that runs engine servers (default: $DISAGG_ENGINE_PYTHON or this one)")
     group.addoption("--report-dir", metavar="DIR", default=None,

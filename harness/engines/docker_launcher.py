@@ -57,13 +57,33 @@ def docker_available() -> bool:
 
 
 class DockerEngine:
-    def __init__(self, spec: LaunchSpec, model_dir: str):
+    """The same interface as EngineProcess, for a container; torn down by its own container id."""
+
+    def __init__(self, spec: LaunchSpec, model_dir: str, log_dir=None):
         self.spec, self.model_dir = spec, model_dir
         self.container = None
+        self.healthy_after_s: float | None = None
+        self.log_path = None
 
     name = property(lambda self: self.spec.name)
     role = property(lambda self: self.spec.role)
     url = property(lambda self: self.spec.url)
+
+    def alive(self) -> bool:
+        if self.container is None:
+            return False
+        self.container.reload()
+        return self.container.status == "running"
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            return requests.get(f"{self.url}/health", timeout=timeout).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def kill(self) -> None:
+        if self.container is not None:
+            self.container.kill()
 
     def start(self) -> "DockerEngine":
         import docker
@@ -71,22 +91,36 @@ class DockerEngine:
         self.container = docker.from_env().containers.run(**container_spec(self.spec, self.model_dir))
         return self
 
-    def wait_healthy(self, timeout_s: float, progress: Progress = stderr_progress) -> float:
-        start = time.monotonic()
+    def wait_healthy(self, timeout_s: float, progress: Progress = stderr_progress, every_s: float = 10.0) -> float:
+        start, next_report = time.monotonic(), time.monotonic() + every_s
+        progress(f"[engine {self.name}] container {self.container.short_id} starting on {self.url}")
         while time.monotonic() - start < timeout_s:
+            if time.monotonic() >= next_report:
+                progress(f"[engine {self.name}] waiting for /health: {time.monotonic() - start:.0f} s")
+                next_report += every_s
             self.container.reload()
             if self.container.status == "exited":
                 tail = self.container.logs(tail=40).decode(errors="replace")
                 raise EngineStartError(f"container {self.spec.name} exited during start-up:\n{tail}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except requests.RequestException:
-                pass
+            if self.healthy():
+                self.healthy_after_s = time.monotonic() - start
+                progress(f"[engine {self.name}] healthy after {self.healthy_after_s:.1f} s")
+                return self.healthy_after_s
             time.sleep(1)
         raise EngineStartError(f"container {self.spec.name} did not answer /health within {timeout_s:.0f} s")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
         if self.container is not None:  # by its own id, never by name
-            self.container.stop(timeout=20)
+            self.container.stop(timeout=int(grace_s))
             self.container.remove(force=True)
+
+
+def choose_launcher(requested: str, spec: LaunchSpec, daemon: bool | None = None) -> str:
+    """`auto` runs a profile with an image in docker when a daemon answers, else as a subprocess."""
+    if requested not in ("auto", "subprocess", "docker"):
+        raise ValueError(f"launcher {requested!r} must be auto, subprocess or docker")
+    if requested != "auto":
+        return requested
+    if spec.image is None:
+        return "subprocess"
+    return "docker" if (docker_available() if daemon is None else daemon) else "subprocess"
