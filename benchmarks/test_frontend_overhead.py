@@ -57,6 +57,30 @@ def measure(url: str, body: dict, n: int) -> dict:
             "tokens_per_s": statistics.median(r[2] / r[1] for r in runs), "requests": n}
 
 
+def compare(benchmark, record_ratio, label: str, direct_url: str, frontend_url: str, direct_body: dict,
+            frontend_body: dict, n: int, ttft_limit: float, tps_limit: float) -> None:
+    """Measure n streaming requests direct, then through the frontend, and check both ratios."""
+    progress(f"{n} streaming requests to the {label} direct, then through the frontend")
+    direct = measure(direct_url, direct_body, n)
+    through = measure(frontend_url, frontend_body, n)
+    benchmark.pedantic(lambda: None, rounds=1)  # the numbers are ours; pytest-benchmark keeps the record
+    benchmark.extra_info.update(direct=direct, through_frontend=through)
+    ttft, tps = record_overhead(record_ratio, label, direct, through, ttft_limit, tps_limit)
+    assert ttft <= ttft_limit and tps <= tps_limit
+
+
+def record_overhead(record_ratio, label: str, direct: dict, through: dict, ttft_limit: float,
+                    tps_limit: float) -> tuple[float, float]:
+    """TTFT p50 through the frontend over direct, and direct tokens/s over the frontend's."""
+    ttft = record_ratio(f"frontend TTFT p50 vs direct ({label})", direct["ttft_p50_s"], ttft_limit,
+                        target_s=through["ttft_p50_s"], ttft_p99_direct_s=direct["ttft_p99_s"],
+                        ttft_p99_frontend_s=through["ttft_p99_s"])
+    tps = record_ratio(f"direct tokens/s vs frontend ({label})", 1 / direct["tokens_per_s"], tps_limit,
+                       target_s=1 / through["tokens_per_s"], tokens_per_s_direct=direct["tokens_per_s"],
+                       tokens_per_s_frontend=through["tokens_per_s"])
+    return ttft, tps
+
+
 def progress(msg: str) -> None:
     stderr_progress(f"[bench] {msg}")
 
@@ -100,22 +124,12 @@ def test_frontend_overhead_against_a_fast_fake_engine(benchmark, record_ratio, f
         ids = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": PROMPT, "max_tokens": 1},
                          timeout=30).json()
         assert ids["choices"], ids
-        progress(f"{REQUESTS} streaming requests direct, then through the frontend")
-        token_prompt = list(range(1, 60))
-        direct = measure(fake.url, {"model": "fake", "prompt": token_prompt, "max_tokens": TOKENS}, REQUESTS)
-        through = measure(proc.url, {"model": "fake", "prompt": PROMPT, "max_tokens": TOKENS}, REQUESTS)
-        benchmark.pedantic(lambda: None, rounds=1)  # the numbers are ours; keep pytest-benchmark's record
+        compare(benchmark, record_ratio, "fake engine", fake.url, proc.url,
+                {"model": "fake", "prompt": list(range(1, 60)), "max_tokens": TOKENS},
+                {"model": "fake", "prompt": PROMPT, "max_tokens": TOKENS}, REQUESTS, TTFT_LIMIT, TPS_LIMIT)
         registration.stop()
     finally:
         fake.stop()
-    benchmark.extra_info.update(direct=direct, through_frontend=through)
-    ttft = record_ratio("frontend TTFT p50 vs direct (fake engine)", direct["ttft_p50_s"], TTFT_LIMIT,
-                        target_s=through["ttft_p50_s"], ttft_p99_direct_s=direct["ttft_p99_s"],
-                        ttft_p99_frontend_s=through["ttft_p99_s"])
-    tps = record_ratio("direct tokens/s vs frontend (fake engine)", 1 / direct["tokens_per_s"], TPS_LIMIT,
-                       target_s=1 / through["tokens_per_s"], tokens_per_s_direct=direct["tokens_per_s"],
-                       tokens_per_s_frontend=through["tokens_per_s"])
-    assert ttft <= TTFT_LIMIT and tps <= TPS_LIMIT
 
 
 @pytest.mark.engines
@@ -129,19 +143,9 @@ def test_end_to_end_through_the_frontend_with_a_real_vllm_engine(benchmark, reco
     try:
         engine.wait_healthy(profile.startup_timeout_s, progress)
         registration = register(frontend_proc, engine.url, "tiny-llama", profile.block_size)
-        body = {"model": "tiny-llama", "max_tokens": TOKENS, "temperature": 0.0, "ignore_eos": True}
-        progress("30 streaming requests to vLLM direct, then through the frontend")
-        direct = measure(engine.url, {**body, "prompt": PROMPT}, 30)
-        through = measure(frontend_proc[0].url, {**body, "prompt": PROMPT}, 30)
-        benchmark.pedantic(lambda: None, rounds=1)
+        body = {"model": "tiny-llama", "max_tokens": TOKENS, "temperature": 0.0, "ignore_eos": True, "prompt": PROMPT}
+        compare(benchmark, record_ratio, "vLLM CPU", engine.url, frontend_proc[0].url, body, body, 30,
+                E2E_TTFT_LIMIT, E2E_TPS_LIMIT)
         registration.stop()
     finally:
         engine.stop()
-    benchmark.extra_info.update(direct=direct, through_frontend=through)
-    ttft = record_ratio("frontend TTFT p50 vs direct (vLLM CPU)", direct["ttft_p50_s"], E2E_TTFT_LIMIT,
-                        target_s=through["ttft_p50_s"], ttft_p99_direct_s=direct["ttft_p99_s"],
-                        ttft_p99_frontend_s=through["ttft_p99_s"])
-    tps = record_ratio("direct tokens/s vs frontend (vLLM CPU)", 1 / direct["tokens_per_s"], E2E_TPS_LIMIT,
-                       target_s=1 / through["tokens_per_s"], tokens_per_s_direct=direct["tokens_per_s"],
-                       tokens_per_s_frontend=through["tokens_per_s"])
-    assert ttft <= E2E_TTFT_LIMIT and tps <= E2E_TPS_LIMIT

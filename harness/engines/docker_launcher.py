@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import time
 
-import requests
-
+from harness.engines.health import is_healthy
 from harness.engines.launcher import EngineStartError, Progress, stderr_progress
 from harness.engines.profiles import LaunchSpec
 
@@ -76,10 +75,7 @@ class DockerEngine:
         return self.container.status == "running"
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            return requests.get(f"{self.url}/health", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
+        return is_healthy(self.url, timeout)
 
     def kill(self) -> None:
         if self.container is not None:

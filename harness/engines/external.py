@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import requests
+from harness.engines.health import is_healthy
 
 
 @dataclass
@@ -17,10 +17,7 @@ class ExternalEngine:
         return self.healthy()
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            return requests.get(f"{self.url.rstrip('/')}/health", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
+        return is_healthy(self.url, timeout)
 
     def stop(self) -> None:
         raise RuntimeError(f"engine {self.name} at {self.url} is external: the suite does not stop it")

@@ -17,8 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-import requests
-
+from harness.engines.health import is_healthy
 from harness.engines.profiles import LaunchSpec
 from harness.errors import HarnessError
 
@@ -91,10 +90,7 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            return requests.get(f"{self.url}/health", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
+        return is_healthy(self.url, timeout)
 
     def wait_healthy(self, timeout_s: float, progress: Progress = stderr_progress, every_s: float = 10.0) -> float:
         """Block until /health is 200; raise with the log tail if the server exits or times out."""

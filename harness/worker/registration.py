@@ -11,9 +11,8 @@ import os
 import threading
 from pathlib import Path
 
-import requests
-
 from harness.discovery import DEFAULT_LEASE_S, MODEL_TYPE_FOR_ROLE, ModelEntry, Store
+from harness.engines.health import is_healthy
 from harness.worker.card_builder import DEFAULT_ENDPOINT
 from harness.worker.metadata_server import MetadataServer
 
@@ -32,10 +31,7 @@ class WorkerRegistration:
         self._thread: threading.Thread | None = None
 
     def engine_healthy(self) -> bool:
-        try:
-            return requests.get(f"{self.engine_url}/health", timeout=min(3.0, self.lease_s / 3)).status_code == 200
-        except requests.RequestException:
-            return False
+        return is_healthy(self.engine_url, timeout=min(3.0, self.lease_s / 3))
 
     def start(self) -> ModelEntry:
         card = self.metadata.publish(self.model_dir, self.name, worker_type=self.role, block_size=self.block_size,
