@@ -152,6 +152,14 @@ def test_a_file_name_that_escapes_local_dir_is_rejected_before_anything_is_writt
     assert_fails_cleanly(cache, card, CardError, "unsafe file name")
 
 
+def test_a_failed_first_resolve_leaves_no_cache_directory_behind(tmp_path, model):
+    card = build_card(model, "acme/Tiny-Llama")
+    (model / "config.json").write_text("{}")  # no longer matches its checksum
+    with pytest.raises(ChecksumMismatch):
+        Resolver(tmp_path / "fresh-mdc").resolve(card)
+    assert not (tmp_path / "fresh-mdc").exists()
+
+
 def test_a_card_whose_slug_has_forbidden_characters_is_rejected(tmp_path):
     data = ModelCard.new("acme/model").to_json() | {"slug": "../../etc"}
     with pytest.raises(CardError, match="outside"):

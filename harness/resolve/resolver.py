@@ -68,6 +68,7 @@ class Resolver:
     def _store_blobs(self, items: list[PlannedFile], hf_snapshots, result: Resolved, local_dir: Path) -> None:
         staged: list[Staged] = []
         corrupt: list[str] = []
+        created = [d for d in (self.cache_root, self.blobs.dir) if not d.exists()]
         try:
             for item in {i.expected.hex: i for i in items}.values():
                 state = self.blobs.verifies(item.expected.hex)
@@ -89,6 +90,11 @@ class Resolver:
                     link = local_dir / item.name
                     if item.expected.hex == hexd and link.is_symlink():
                         link.unlink()
+            for directory in reversed(created):  # a first resolve that fails leaves no empty cache behind
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass  # another resolver is using it
             raise
         for s in staged:
             self.blobs.commit(s)
