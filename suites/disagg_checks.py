@@ -37,16 +37,18 @@ def token_ids(response: requests.Response) -> list[int]:
     return choice["token_ids"]
 
 
-def assert_kv_moved(before: Metrics, after: Metrics, prompt_tokens: int) -> dict:
-    """The decode engine got the whole prompt over the KV transfer and computed none of it."""
+def assert_kv_moved(before: Metrics, after: Metrics, prompt_tokens: int, recompute_allowed: int = 0) -> dict:
+    """The decode engine got the prompt over the KV transfer and computed none of it (or, for a
+    connector that moves full blocks only, no more than the partial last block)."""
     sources = kv_sources(after, before)
     numbers = {"prompt_tokens": prompt_tokens, **sources, "transfer_bytes": after.delta(before, NIXL_BYTES)}
-    assert sources["local_compute"] == 0, (
+    assert sources["local_compute"] <= recompute_allowed, (
         f"decode recomputed {sources['local_compute']:.0f} of {prompt_tokens} prompt tokens: the KV did not "
         f"move (kv_transfer_params dropped?) {numbers}")
-    assert sources["external_kv_transfer"] + sources["local_cache_hit"] == prompt_tokens, (
+    assert sum(sources.values()) == prompt_tokens, (
         f"decode accounted {sources} for {prompt_tokens} prompt tokens")
-    assert sources["external_kv_transfer"] > 0, f"nothing came over the KV transfer: {numbers}"
+    if prompt_tokens > recompute_allowed:  # a full-block connector has nothing to move for a short prompt
+        assert sources["external_kv_transfer"] > 0, f"nothing came over the KV transfer: {numbers}"
     return numbers
 
 

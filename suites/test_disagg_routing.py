@@ -34,6 +34,12 @@ def prompt_tokens(response: requests.Response) -> int:
     return response.json()["usage"]["prompt_tokens"]
 
 
+def recompute_allowed(disagg) -> int:
+    """What the decode may recompute itself: nothing, or the last block for full-block connectors."""
+    profile = disagg.profile
+    return 0 if profile is None or profile.moves_partial_block else profile.block_size
+
+
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_greedy_output_through_disagg_equals_aggregated_token_for_token(disagg, name, record_property):
     if not disagg.has("aggregated"):
@@ -47,9 +53,9 @@ def test_greedy_output_through_disagg_equals_aggregated_token_for_token(disagg, 
     if name == "shares-a-prefix":  # the decode may hold the shared blocks from the earlier transfer
         numbers = {"prompt_tokens": prompt_tokens(resp), **{k: after.delta(before, "vllm:prompt_tokens_by_source_total",
                                                                            source=k) for k in ("local_compute",)}}
-        assert numbers["local_compute"] == 0, f"decode recomputed part of a transferred prompt: {numbers}"
+        assert numbers["local_compute"] <= recompute_allowed(disagg), f"decode recomputed a transferred prompt: {numbers}"
     else:
-        numbers = assert_kv_moved(before, after, prompt_tokens(resp))
+        numbers = assert_kv_moved(before, after, prompt_tokens(resp), recompute_allowed(disagg))
     record_property("kv", numbers)
 
 
@@ -57,7 +63,8 @@ def test_the_kv_of_a_fresh_prompt_really_moves_to_decode(disagg, record_property
     before = Metrics.scrape(disagg.url("decode"))
     resp = complete(disagg.frontend_url, disagg.model, fresh_prompt(60))
     assert resp.status_code == 200, resp.text
-    numbers = assert_kv_moved(before, Metrics.scrape(disagg.url("decode")), prompt_tokens(resp))
+    numbers = assert_kv_moved(before, Metrics.scrape(disagg.url("decode")), prompt_tokens(resp),
+                              recompute_allowed(disagg))
     record_property("kv", numbers)
     if disagg.profile and disagg.profile.connector == "NixlConnector":
         assert numbers["transfer_bytes"] > 0, "NIXL reported no bytes transferred"
@@ -83,7 +90,7 @@ def planted_cluster(disagg):
     def make(fault: str) -> Cluster:
         cluster = Cluster(disagg.workdir / f"planted-{fault}", disagg.cluster.model_dir, disagg.model,
                           block_size=disagg.profile.block_size, timeout_s=disagg.profile.request_timeout_s,
-                          faults=frozenset({fault})).start()
+                          protocol=disagg.profile.protocol, faults=frozenset({fault})).start()
         made.append(cluster)
         cluster.register(disagg.engines["prefill"])
         cluster.register(disagg.engines["decode"])
@@ -146,4 +153,4 @@ def test_without_a_prefill_worker_the_model_serves_aggregated_and_returns_to_dis
     resp = complete(disagg.frontend_url, disagg.model, fresh_prompt(50))
     assert resp.headers["x-disagg-mode"] == "disaggregated"
     record_property("kv_back_to_disagg", assert_kv_moved(before, Metrics.scrape(disagg.url("decode")),
-                                                          prompt_tokens(resp)))
+                                                          prompt_tokens(resp), recompute_allowed(disagg)))

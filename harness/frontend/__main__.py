@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--cache-root", default=None, help="metadata cache root (default: $HOME/.cache/dynamo/mdc)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--selection", choices=["round_robin", "kv"], default="round_robin")
-    p.add_argument("--protocol", choices=["vllm", "sglang"], default="vllm")
+    p.add_argument("--protocol", choices=["vllm", "sglang", "shared-storage"], default="vllm")
     p.add_argument("--timeout", type=float, default=120.0, help="engine request timeout, seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

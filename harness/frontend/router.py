@@ -5,6 +5,8 @@ vLLM protocol (SPEC §4.1): a copy of the request goes to a prefill worker with 
 `kv_transfer_params` the prefill returned, and the decode stream comes back. Both carry the same
 `X-Request-Id`. With no prefill worker the request goes to a decode worker unchanged.
 SGLang protocol (SPEC §4.2): prefill and decode are sent at once with one bootstrap room.
+Shared-storage protocol (vLLM's ExampleConnector): as vLLM's, but the KV moves through storage
+keyed by the prompt, so the prefill returns no `kv_transfer_params` and none are required.
 
 Engines are spoken to through their OpenAI `/v1/completions` with the token ids the frontend's
 own preprocessor produced, so what the engine runs is exactly what the frontend routed on.
@@ -89,6 +91,8 @@ class Route:
 class RoutedEngine:
     def __init__(self, model: str, *, selection: str = "round_robin", protocol: str = "vllm",
                  timeout_s: float = 120.0, faults: frozenset[str] = frozenset()):
+        if protocol not in ("vllm", "sglang", "shared-storage"):
+            raise ValueError(f"protocol {protocol!r} must be 'vllm', 'sglang' or 'shared-storage'")
         if selection not in ("round_robin", "kv"):
             raise ValueError(f"selection {selection!r} must be 'round_robin' or 'kv'")
         if unknown := set(faults) - FAULTS:
@@ -160,7 +164,7 @@ class RoutedEngine:
             if finish != "length":  # stop or EOS on the first token: the prefill's answer is final
                 return route, self._single(route.prefill_response)
             ktp = route.prefill_response.get("kv_transfer_params")
-            if FAULT_DROP_KV_TRANSFER_PARAMS not in self.faults:
+            if ktp is not None and FAULT_DROP_KV_TRANSFER_PARAMS not in self.faults:
                 engine_body["kv_transfer_params"] = ktp
         self.load[route.decode.key] = self.load.get(route.decode.key, 0) + 1
         try:
@@ -196,7 +200,8 @@ class RoutedEngine:
         route.engine_request_ids["prefill"] = str(data.get("id"))
         finish = (data.get("choices") or [{}])[0].get("finish_reason")
         ktp = data.get("kv_transfer_params")
-        if finish == "length" and not (isinstance(ktp, dict) and ktp.get("remote_block_ids") is not None):
+        usable = isinstance(ktp, dict) and ktp.get("remote_block_ids") is not None
+        if finish == "length" and not usable and self.protocol == "vllm":
             raise PrefillError(f"prefill worker {route.prefill.key} returned no usable kv_transfer_params "
                                f"({ktp!r}); refusing to re-run prefill on the decode worker")
         return data
