@@ -32,7 +32,7 @@ def fake_engines():
 @pytest.fixture
 def cluster(tmp_path, tiny_model):
     """A frontend with discovery and a worker side, and no engines yet."""
-    with Cluster(tmp_path / "cluster", tiny_model, "tiny", block_size=32, lease_s=1.0, timeout_s=10) as c:
+    with Cluster(tmp_path / "cluster", tiny_model, "tiny", block_size=32, lease_s=3.0, timeout_s=10) as c:
         yield c
 
 
@@ -41,7 +41,7 @@ def make_cluster(tmp_path, tiny_model):
     made: list[Cluster] = []
 
     def make(**kw) -> Cluster:
-        c = Cluster(tmp_path / f"cluster{len(made)}", tiny_model, "tiny", block_size=32, lease_s=1.0, timeout_s=10, **kw)
+        c = Cluster(tmp_path / f"cluster{len(made)}", tiny_model, "tiny", block_size=32, lease_s=3.0, timeout_s=10, **kw)
         made.append(c.start())
         return c
 

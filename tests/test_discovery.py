@@ -29,7 +29,7 @@ def test_a_dead_workers_lease_expires_and_its_model_is_removed(cluster, fake_eng
     decode = fake_engines("decode")
     cluster.register(decode)
     cluster.wait_for_roles({"decode"})
-    decode.stop()  # the engine dies; its worker stops renewing; the lease (1 s) runs out
+    decode.stop()  # the engine dies; its worker stops renewing; the lease (3 s) runs out
     cluster.wait_for_roles(set(), timeout_s=15)
     assert listed(cluster) == []
     assert not cluster.store.entries(), "an expired lease must leave no entry behind"
