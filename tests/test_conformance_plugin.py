@@ -118,3 +118,10 @@ def test_fault_injection_checks_are_skipped_against_a_foreign_deployment_with_a_
                  "--cache-root", str(cache_root), "--card", str(card_json))
     assert result.parseoutcomes().get("skipped", 0) > 0 and "passed" not in result.parseoutcomes()
     result.stdout.fnmatch_lines(["*the deployment under test is foreign*"])
+
+
+def test_xdist_group_suffixes_are_not_part_of_a_check_id():
+    from suites.plugin import strip_group
+
+    assert strip_group("suites/test_x.py::test_a[cpu]@engines") == "suites/test_x.py::test_a[cpu]"
+    assert strip_group("suites/test_x.py::test_a[user@host]") == "suites/test_x.py::test_a[user@host]"
