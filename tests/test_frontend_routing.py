@@ -168,3 +168,14 @@ def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_roo
     assert p["bootstrap_room"] == d["bootstrap_room"] and 0 <= p["bootstrap_room"] < 2**63
     assert p["bootstrap_host"] == d["bootstrap_host"] == "127.0.0.1"
     assert "kv_transfer_params" not in d
+
+
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+def test_a_decode_that_refuses_the_request_leaves_no_load_behind(make_cluster, fake_engines, protocol):
+    cluster = make_cluster(protocol=protocol)
+    serve(cluster, fake_engines("prefill"), fake_engines("decode", fail_status=503))
+    resp = complete(cluster, stream=True)
+    assert resp.status_code == 502 and "decode worker" in resp.json()["error"]["message"]
+    engine = cluster.frontend.manager.models["tiny"].engine
+    decode_key = engine.instances("decode")[0].key
+    assert engine.load.get(decode_key, 0) == 0, "a failed open must not count as an open stream"

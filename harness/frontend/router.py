@@ -157,7 +157,7 @@ class RoutedEngine:
         engine_body = {**body, "model": self.model, "prompt": token_ids, "stream": True,
                        "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
         if route.prefill and self.protocol == "sglang":
-            return route, self._sglang(client, route, engine_body)
+            return route, self._relay(route, await self._sglang(client, route, engine_body))
         if route.prefill:
             route.prefill_response = await self._prefill(client, route, engine_body)
             finish = (route.prefill_response.get("choices") or [{}])[0].get("finish_reason")
@@ -166,12 +166,7 @@ class RoutedEngine:
             ktp = route.prefill_response.get("kv_transfer_params")
             if ktp is not None and FAULT_DROP_KV_TRANSFER_PARAMS not in self.faults:
                 engine_body["kv_transfer_params"] = ktp
-        self.load[route.decode.key] = self.load.get(route.decode.key, 0) + 1
-        try:
-            stream = await self._open(client, route.decode, engine_body, self._decode_request_id(route))
-        except BaseException:
-            self.load[route.decode.key] -= 1
-            raise
+        stream = await self._open(client, route.decode, engine_body, self._decode_request_id(route))
         return route, self._relay(route, stream)
 
     def _decode_request_id(self, route: Route) -> str:
@@ -186,8 +181,7 @@ class RoutedEngine:
         body.pop("min_tokens", None)  # restored for decode: it is only in engine_body
         url = f"{route.prefill.url}/v1/completions"
         # Shielded: a client that disconnects during prefill must not abort it, or its KV blocks leak.
-        task = asyncio.ensure_future(client.post(url, json=body, headers=self._headers(route.request_id),
-                                                 timeout=self.timeout))
+        task = self._keep(client.post(url, json=body, headers=self._headers(route.request_id), timeout=self.timeout))
         try:
             resp = await asyncio.shield(task)
         except httpx.HTTPError as exc:
@@ -206,18 +200,31 @@ class RoutedEngine:
                                f"({ktp!r}); refusing to re-run prefill on the decode worker")
         return data
 
+    def _keep(self, coro) -> asyncio.Task:
+        """A task that outlives its caller's cancellation; referenced until done, so it is not collected."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     async def _open(self, client: httpx.AsyncClient, instance: Instance, body: dict, request_id: str) -> httpx.Response:
+        """Open the decode stream. Counts toward the worker's load until `_relay` closes it."""
         request = client.build_request("POST", f"{instance.url}/v1/completions", json=body,
                                        headers=self._headers(request_id), timeout=self.timeout)
+        self.load[instance.key] = self.load.get(instance.key, 0) + 1
         try:
-            resp = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise DecodeError(f"{instance.role} worker {instance.key} at {instance.url} failed: "
-                              f"{type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
-            text = (await resp.aread()).decode(errors="replace")[:300]
-            await resp.aclose()
-            raise DecodeError(f"{instance.role} worker {instance.key} answered HTTP {resp.status_code}: {text}")
+            try:
+                resp = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise DecodeError(f"{instance.role} worker {instance.key} at {instance.url} failed: "
+                                  f"{type(exc).__name__}: {exc}") from None
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")[:300]
+                await resp.aclose()
+                raise DecodeError(f"{instance.role} worker {instance.key} answered HTTP {resp.status_code}: {text}")
+        except BaseException:
+            self.load[instance.key] -= 1  # no stream was opened: it carries no load
+            raise
         return resp
 
     async def _relay(self, route: Route, resp: httpx.Response) -> AsyncIterator[Annotated]:
@@ -251,18 +258,13 @@ class RoutedEngine:
         choice = dict((response.get("choices") or [{}])[0])
         yield Annotated(data={**response, "choices": [choice], "kv_transfer_params": None}, id=response.get("id"))
 
-    async def _sglang(self, client: httpx.AsyncClient, route: Route, engine_body: dict) -> AsyncIterator[Annotated]:
+    async def _sglang(self, client: httpx.AsyncClient, route: Route, engine_body: dict) -> httpx.Response:
         """Bootstrap-style: both at once, same room; the prefill runs in the background."""
         room = random.randrange(2**63)
         bootstrap = {"bootstrap_host": httpx.URL(route.prefill.url).host,
                      "bootstrap_port": route.prefill.bootstrap_port, "bootstrap_room": room}
         prefill_body = {**engine_body, **bootstrap, "stream": False}
         prefill_body.pop("stream_options", None)
-        task = asyncio.ensure_future(client.post(f"{route.prefill.url}/v1/completions", json=prefill_body,
-                                                 headers=self._headers(route.request_id), timeout=self.timeout))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        self.load[route.decode.key] = self.load.get(route.decode.key, 0) + 1
-        resp = await self._open(client, route.decode, {**engine_body, **bootstrap}, route.request_id)
-        async for item in self._relay(route, resp):
-            yield item
+        self._keep(client.post(f"{route.prefill.url}/v1/completions", json=prefill_body,
+                               headers=self._headers(route.request_id), timeout=self.timeout))
+        return await self._open(client, route.decode, {**engine_body, **bootstrap}, route.request_id)
