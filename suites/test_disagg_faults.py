@@ -5,15 +5,13 @@ Checks that break an engine restore it before they end, so the order of checks d
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
 from fixtures.fake_engine import FakeEngine
 from harness.cluster import Cluster
 from harness.engines.metrics import PROMPT_TOKENS, REQUESTS_RUNNING, Metrics
-from suites.disagg_checks import complete, fresh_prompt, wait_for_metric
+from suites.disagg_checks import complete, fresh_prompt, read_data_events, sse_error_message, wait_for_metric
 
 pytestmark = [pytest.mark.spec("4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines")]
 
@@ -30,11 +28,7 @@ def test_a_client_disconnect_aborts_the_decode_request(disagg, record_property):
     before = Metrics.scrape(decode)
     with httpx.stream(**stream_request(disagg.frontend_url, disagg.model, max_tokens=900)) as resp:
         assert resp.status_code == 200
-        received = 0
-        for line in resp.iter_lines():
-            received += line.startswith("data: ")
-            if received >= 5:
-                break
+        read_data_events(resp.iter_lines(), 5)
         assert Metrics.scrape(decode).value(REQUESTS_RUNNING) >= 1, "the decode request is not running"
     running = wait_for_metric(decode, REQUESTS_RUNNING, lambda v: v == 0, timeout_s=60)
     after = Metrics.scrape(decode)
@@ -68,17 +62,15 @@ def test_a_prefill_error_is_reported_and_not_retried_on_decode(disagg):
 @pytest.mark.spec("4.4")
 @pytest.mark.embedded_only
 def test_a_decode_worker_killed_mid_stream_gives_the_client_a_clear_error(disagg):
-    lines: list[str] = []
     try:
         with httpx.stream(**stream_request(disagg.frontend_url, disagg.model, max_tokens=900)) as resp:
             assert resp.status_code == 200
-            for line in resp.iter_lines():
-                lines.append(line)
-                if sum(x.startswith("data: ") for x in lines) == 5:
-                    disagg.kill_role("decode")
+            stream = resp.iter_lines()
+            lines = read_data_events(stream, 5)
+            disagg.kill_role("decode")
+            lines += list(stream)
     finally:
         disagg.restart_role("decode")
-    assert "event: error" in lines, f"no error event; the stream ended with {lines[-3:]}"
-    error = json.loads(lines[lines.index("event: error") + 1][len("data: "):])["error"]["message"]
+    error = sse_error_message(lines)
     assert "decode worker" in error, error
     assert "data: [DONE]" not in lines

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from harness.engines.metrics import Metrics
+from harness.engines.metrics import Metrics, kv_sources
 from harness.frontend.router import FAULT_DROP_KV_TRANSFER_PARAMS, FAULT_SPLIT_REQUEST_ID
 from harness.cluster import Cluster
 from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, complete, fresh_prompt,
@@ -51,8 +51,7 @@ def test_greedy_output_through_disagg_equals_aggregated_token_for_token(disagg, 
     assert resp.headers.get("x-disagg-mode", "disaggregated") == "disaggregated", "the frontend served aggregated"
     assert token_ids(resp) == reference, f"{name}: disaggregated output diverged from aggregated"
     if name == "shares-a-prefix":  # the decode may hold the shared blocks from the earlier transfer
-        numbers = {"prompt_tokens": prompt_tokens(resp), **{k: after.delta(before, "vllm:prompt_tokens_by_source_total",
-                                                                           source=k) for k in ("local_compute",)}}
+        numbers = {"prompt_tokens": prompt_tokens(resp), **kv_sources(after, before)}
         assert numbers["local_compute"] <= recompute_allowed(disagg), f"decode recomputed a transferred prompt: {numbers}"
     else:
         numbers = assert_kv_moved(before, after, prompt_tokens(resp), recompute_allowed(disagg))

@@ -125,3 +125,7 @@ def test_xdist_group_suffixes_are_not_part_of_a_check_id():
 
     assert strip_group("suites/test_x.py::test_a[cpu]@engines") == "suites/test_x.py::test_a[cpu]"
     assert strip_group("suites/test_x.py::test_a[user@host]") == "suites/test_x.py::test_a[user@host]"
+
+
+def test_the_suites_run_without_pytest_xdist(pytester):
+    run(pytester, LAYOUT, "-p", "no:xdist").assert_outcomes(passed=26)

@@ -5,7 +5,6 @@ The same behaviours are checked against real vLLM in suites/test_disagg_*.py.
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 import requests
 
 from harness.frontend.router import FAULT_DROP_KV_TRANSFER_PARAMS, PREFILL_KV_TRANSFER_PARAMS
+from suites.disagg_checks import read_data_events, sse_error_message
 
 PROMPT = "Hello, how are you today? The quick brown fox jumps over the lazy dog. " * 3
 
@@ -89,8 +89,7 @@ def test_a_decode_worker_that_dies_mid_stream_gives_the_client_an_error_event(cl
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 50, "stream": True}) as resp:
         lines = [line for line in resp.iter_lines() if line]
-    assert "event: error" in lines, lines[-3:]
-    message = json.loads(lines[lines.index("event: error") + 1][len("data: "):])["error"]["message"]
+    message = sse_error_message(lines)
     assert "decode worker" in message and "mid-stream" in message or "before [DONE]" in message
     assert "data: [DONE]" not in lines
 
@@ -108,11 +107,7 @@ def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 500, "stream": True}) as resp:
         assert resp.status_code == 200
-        events = 0
-        for line in resp.iter_lines():
-            events += line.startswith("data: ")
-            if events >= 3:
-                break
+        read_data_events(resp.iter_lines(), 3)
         assert decode.state.running == 1
     deadline = time.monotonic() + 10
     while decode.state.running and time.monotonic() < deadline:

@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT_TOKENS_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
 REQUESTS_RUNNING = "vllm:num_requests_running"
-REQUEST_SUCCESS = "vllm:request_success_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
 NIXL_BYTES = "vllm:nixl_bytes_transferred_sum"
 

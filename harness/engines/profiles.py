@@ -131,5 +131,3 @@ PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
         block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,
         image="lmsysorg/sglang:latest", gpus={"prefill": (0,), "decode": (1,), "aggregated": (0,)}),
 )}
-
-DEFAULT_PROFILE = "cpu"

@@ -222,10 +222,3 @@ class Frontend:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def wait_for(self, predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate(self.manager):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"frontend: {what} not reached within {timeout_s:.0f} s")
-            time.sleep(0.05)
