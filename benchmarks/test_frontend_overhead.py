@@ -23,7 +23,7 @@ from harness.engines.launcher import EngineProcess, free_port, stderr_progress
 from harness.engines.profiles import LaunchSpec, PROFILES
 from harness.worker.metadata_server import MetadataServer
 from harness.worker.registration import WorkerRegistration
-from suites.engines import module_available
+from harness.deployment import module_available
 
 TTFT_LIMIT = 8.0  # frontend TTFT p50 / direct TTFT p50, fake engine
 TPS_LIMIT = 6.0  # direct tokens/s / frontend tokens/s, fake engine (it streams ~30k tokens/s)

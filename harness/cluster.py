@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.discovery import FileStore
+from harness.frontend.router import RoutedEngine
 from harness.frontend.server import Frontend
 from harness.worker.metadata_server import MetadataServer
 from harness.worker.registration import WorkerRegistration
@@ -23,14 +24,14 @@ log = logging.getLogger(__name__)
 class Cluster:
     def __init__(self, workdir: str | Path, model_dir: str | Path, served_name: str, *, block_size: int,
                  selection: str = "round_robin", protocol: str = "vllm", timeout_s: float = 120.0,
-                 faults: frozenset[str] = frozenset(), lease_s: float = 10.0):
+                 router: type[RoutedEngine] = RoutedEngine, lease_s: float = 10.0):
         self.workdir = Path(workdir)
         self.model_dir, self.served_name, self.block_size, self.lease_s = Path(model_dir), served_name, block_size, lease_s
         self.store = FileStore(self.workdir / "discovery")
         self.cache_root = self.workdir / "mdc"
         self.metadata = MetadataServer()
         self.frontend = Frontend(self.store, self.cache_root, selection=selection, protocol=protocol,
-                                 timeout_s=timeout_s, faults=faults)
+                                 timeout_s=timeout_s, router=router)
         self.registrations: dict[str, WorkerRegistration] = {}
 
     def start(self) -> "Cluster":

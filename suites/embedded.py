@@ -13,7 +13,7 @@ from fixtures.hf_cache import add_snapshot
 from fixtures.multimodal import make_multimodal_model
 from fixtures.text_model import make_text_model
 from fixtures.weights import add_weight_files
-from harness.deployment import EMBEDDED, CardUnderTest, Deployment, embedded_frontend
+from harness.deployment import EMBEDDED, CardUnderTest, Deployment
 from harness.resolve import Resolver
 from harness.worker.card_builder import build_card
 from harness.worker.metadata_server import MetadataServer
@@ -49,6 +49,8 @@ def build_embedded(models: dict[str, Path], cache_root: Path, server: MetadataSe
         CardUnderTest("text-shared-storage", build_card(text, "acme/Tiny-Llama"), text, "shared-storage"),
         CardUnderTest("text-self-host", server.publish(text, "acme/Tiny-Llama", worker_type="decode"),
                       text, "self-host"),
+        CardUnderTest("text-self-host-prefill", server.publish(text, "acme/Tiny-Llama", worker_type="prefill"),
+                      text, "self-host"),
         CardUnderTest("multimodal-shared-storage", build_card(mm, "acme/Tiny-Llava"), mm, "shared-storage"),
         CardUnderTest("multimodal-self-host", server.publish(mm, "acme/Tiny-Llava"), mm, "self-host"),
         hub_card(models),
@@ -56,8 +58,8 @@ def build_embedded(models: dict[str, Path], cache_root: Path, server: MetadataSe
     resolver = Resolver(cache_root, hf_cache=models["hub"])
     for c in cards:
         resolver.resolve(c.card)
-    return Deployment(EMBEDDED, cache_root, embedded_frontend(), cards=cards)
+    return Deployment(EMBEDDED, cache_root=cache_root, cards=cards)
 
 
-EMBEDDED_LABELS = ("text-shared-storage", "text-self-host", "multimodal-shared-storage",
+EMBEDDED_LABELS = ("text-shared-storage", "text-self-host", "text-self-host-prefill", "multimodal-shared-storage",
                    "multimodal-self-host", "text-hf-cache")

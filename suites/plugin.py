@@ -11,30 +11,40 @@ from pathlib import Path
 
 import pytest
 
-from harness.deployment import embedded_frontend
+import harness
 from harness.report import build_report, write_report
 
 SPEC_KEY = "spec"
 DEPLOYMENT_KEY = "deployment"
-ENGINE_DEPLOYMENT_KEY = "engine_deployment"
-NOT_PROPERTIES = (SPEC_KEY, DEPLOYMENT_KEY, ENGINE_DEPLOYMENT_KEY)
+NOT_PROPERTIES = (SPEC_KEY, DEPLOYMENT_KEY)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "disaggregated-serving conformance")
     group.addoption("--cache-root", metavar="DIR", default=None,
-                    help="metadata cache root. With --card: a foreign frontend's cache to check "
-                         "(e.g. ~/.cache/dynamo/mdc). Alone: where the embedded resolver writes.")
+                    help="the metadata cache a foreign frontend wrote, to check (e.g. ~/.cache/dynamo/mdc); "
+                         "read only, never written. Needs its cards: --discovery or --card")
+    group.addoption("--discovery", metavar="URL", default=None,
+                    help="the deployment's discovery store, whose model records give the cards to check: "
+                         "file://DIR (Dynamo's file backend, its DYN_FILE_KV directory)")
+    group.addoption("--namespace", metavar="NS", default=None,
+                    help="with --discovery: only this namespace's model records (default: all)")
     group.addoption("--card", metavar="JSON", action="append", default=[],
-                    help="a card JSON that the foreign frontend resolved (repeatable); needs --cache-root")
-    group.addoption("--profile", metavar="NAMES", default="cpu,gpu-vllm,gpu-sglang",
-                    help="engine launch profiles to run, comma-separated (see harness/engines/profiles.py); "
-                         "GPU profiles are marked `gpu` and skip with a reason on a host without one")
+                    help="a card the foreign frontend resolved: a plain card JSON or a discovery record with "
+                         "card_json (repeatable)")
+    group.addoption("--profile", metavar="NAMES", default="auto",
+                    help="engine launch profiles to run, comma-separated (see harness/engines/profiles.py). "
+                         "auto: cpu, plus the GPU profiles that fit this host (the 2-GPU ones with 2 or more "
+                         "GPUs, the -1gpu ones with one). GPU profiles are marked `gpu` and skip, saying why, on a "
+                         "host without enough GPUs")
     group.addoption("--frontend-url", metavar="URL", default=None,
                     help="check this running frontend instead of starting the harness's own")
+    group.addoption("--model", metavar="NAME", default=None,
+                    help="with --frontend-url: the served model to test (default: the only one it lists)")
     group.addoption("--engine-url", metavar="ROLE=URL", action="append", default=[],
                     help="an engine behind --frontend-url, for its /metrics (repeatable): prefill=..., "
-                         "decode=..., and aggregated=... as the reference for output equality")
+                         "decode=... (for Dynamo workers, their DYN_SYSTEM_PORT server), and aggregated=... "
+                         "(an OpenAI server) as the reference for output equality")
     group.addoption("--launcher", choices=["auto", "subprocess", "docker"], default="auto",
                     help="how engines start: auto = docker for profiles with an image when a daemon answers, "
                          "else subprocesses")
@@ -45,9 +55,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-report", action="store_true", help="do not write the conformance report")
 
 
+@pytest.hookimpl(tryfirst=True)  # option errors before suites/conftest.py builds a foreign deployment
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("card") and not config.getoption("cache_root"):
-        raise pytest.UsageError("--card needs --cache-root: the cache that frontend wrote")
+    cards = config.getoption("card") or config.getoption("discovery")
+    if cards and not config.getoption("cache_root"):
+        raise pytest.UsageError("--card and --discovery need --cache-root: the cache that frontend wrote")
+    if config.getoption("cache_root") and not cards:
+        raise pytest.UsageError("--cache-root names a foreign frontend's cache to check, read only; say which cards "
+                                "it resolved with --discovery URL or --card FILE")
+    if config.getoption("namespace") and not config.getoption("discovery"):
+        raise pytest.UsageError("--namespace needs --discovery")
     if config.getoption("engine_url") and not config.getoption("frontend_url"):
         raise pytest.UsageError("--engine-url needs --frontend-url: the frontend those engines serve")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; fail fast instead of retrying
@@ -77,9 +94,11 @@ def _check_name(nodeid: str) -> str:
 
 def fallback_deployment(config: pytest.Config) -> dict:
     """The deployment as the options describe it, for runs where no check reported one."""
-    kind = "foreign" if config.getoption("card") or config.getoption("frontend_url") else "embedded"
-    frontend = embedded_frontend() if kind == "embedded" else {"name": "foreign", "url": None}
-    return {"kind": kind, "frontend": frontend, "engines": [], "cache_root": config.getoption("cache_root")}
+    foreign = any(config.getoption(o) for o in ("card", "discovery", "frontend_url"))
+    frontend = ({"name": "foreign", "url": config.getoption("frontend_url")} if foreign else
+                {"name": "harness", "version": harness.__version__, "url": None})
+    return {"kind": "foreign" if foreign else "embedded", "frontend": frontend, "engines": [],
+            "cache_root": config.getoption("cache_root")}
 
 
 class ConformanceReporter:
@@ -88,8 +107,7 @@ class ConformanceReporter:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.checks: dict[str, dict] = {}
-        self.deployment: dict | None = None
-        self.engine_deployment: dict | None = None
+        self.deployments: dict[str, dict] = {}  # by kind of description: the cache's, the serving one's
         self.paths: tuple[Path, Path] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -103,8 +121,9 @@ class ConformanceReporter:
         })
         check["duration_s"] += report.duration
         check["properties"].update({k: v for k, v in props.items() if k not in NOT_PROPERTIES})
-        self.deployment = props.get(DEPLOYMENT_KEY, self.deployment)
-        self.engine_deployment = props.get(ENGINE_DEPLOYMENT_KEY, self.engine_deployment)
+        if DEPLOYMENT_KEY in props:
+            described = props[DEPLOYMENT_KEY]
+            self.deployments["serving" if described.get("frontend", {}).get("url") else "cache"] = described
         if report.skipped:
             if hasattr(report, "wasxfail"):
                 check["outcome"] = "xfailed"
@@ -117,15 +136,19 @@ class ConformanceReporter:
             check["message"] = crash.message if crash else str(report.longrepr)[-300:]
 
     def merged_deployment(self) -> dict:
-        """The metadata side (cache) and the serving side (frontend, engines) in one description."""
-        deployment = dict(self.deployment or fallback_deployment(self.config))
-        if self.engine_deployment:
-            engines = self.engine_deployment
-            deployment.update(frontend=engines["frontend"], engines=engines["engines"], profile=engines["profile"])
-            deployment["frontend_cache_root"] = engines.get("cache_root")
-            if not self.deployment:
-                deployment["kind"] = engines["kind"]
-        return deployment
+        """One description: the serving deployment when checks used one, with the cache checks' cache.
+
+        Embedded runs check two deployments of one kind (the fixture cache, and engines behind the
+        reference frontend with a cache of their own); a foreign run's are one and the same.
+        """
+        cache, serving = self.deployments.get("cache"), self.deployments.get("serving")
+        if not serving:
+            return cache or fallback_deployment(self.config)
+        merged = dict(serving)
+        if cache and cache.get("cache_root") != serving.get("cache_root"):
+            merged["frontend_cache_root"] = serving.get("cache_root")
+            merged.update(cache_root=cache["cache_root"], cards=cache["cards"])
+        return merged
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput") or self.config.getoption("no_report") or not self.checks:

@@ -12,7 +12,7 @@ from harness.card import CheckedFile, Checksum, ModelCard, Slot, WorkerType, ent
 from harness.errors import CardError
 from harness.worker.card_builder import build_card
 
-pytestmark = [pytest.mark.spec("1"), pytest.mark.embedded_only]
+pytestmark = [pytest.mark.spec("1"), pytest.mark.harness_code]
 
 HEX_A, HEX_B = "a" * 64, "b" * 64
 

@@ -29,6 +29,22 @@ def test_the_tokenizer_loads_from_every_local_dir(deployment, card_under_test):
     assert tok("Hello, world!")["input_ids"], "the tokenizer produced no ids"
 
 
+@pytest.mark.spec("2.6", "R1")
+def test_the_multimodal_processor_loads_from_every_multimodal_local_dir(deployment, card_under_test):
+    import json
+
+    from transformers import AutoProcessor
+
+    local_dir = card_under_test.card.local_dir(deployment.cache_root)
+    config = json.loads((local_dir / "config.json").read_text()) if (local_dir / "config.json").exists() else {}
+    if "vision_config" not in config:
+        pytest.skip(f"{card_under_test.label} is not a multimodal model (its config.json has no vision_config)")
+    processor = AutoProcessor.from_pretrained(str(local_dir), local_files_only=True)
+    assert getattr(processor, "image_processor", None) is not None, (
+        f"AutoProcessor.from_pretrained({local_dir}) gave {type(processor).__name__} with no image processor: "
+        f"preprocessor_config.json missing from local_dir? it holds {sorted(p.name for p in local_dir.iterdir())}")
+
+
 @pytest.fixture
 def self_hosted_then_gone(tmp_path):
     """Resolve self-host cards, then stop the worker and delete its model dirs."""
@@ -44,7 +60,7 @@ def self_hosted_then_gone(tmp_path):
 
 
 @pytest.mark.spec("R5")
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_tokenizer_and_chat_template_load_with_the_source_removed(self_hosted_then_gone):
     cards, cache_root = self_hosted_then_gone
     pre = Preprocessor.load(cards["text"], cache_root)
@@ -54,7 +70,7 @@ def test_tokenizer_and_chat_template_load_with_the_source_removed(self_hosted_th
 
 
 @pytest.mark.spec("R1", "R5")
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_the_multimodal_processor_loads_with_the_source_removed(self_hosted_then_gone):
     cards, cache_root = self_hosted_then_gone
     pre = Preprocessor.load(cards["mm"], cache_root)
@@ -65,7 +81,7 @@ def test_the_multimodal_processor_loads_with_the_source_removed(self_hosted_then
     assert len(out["pixel_values"]) == 1
 
 
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_a_missing_local_dir_is_an_error_naming_the_model_and_the_dir(tmp_path, deployment):
     card = deployment.card("text-shared-storage").card
     with pytest.raises(PreprocessorError, match=r"acme/Tiny-Llama.*no local_dir at .*by-slug"):

@@ -1,4 +1,4 @@
-"""Faults on the disaggregated path against real engines (SPEC §4.1, §4.4): clear errors, no hangs.
+"""Faults on the disaggregated path (SPEC §4.1, §4.4): clear errors, no hangs, no work for nobody.
 
 Checks that break an engine restore it before they end, so the order of checks does not matter.
 """
@@ -9,37 +9,72 @@ import httpx
 import pytest
 
 from fixtures.fake_engine import FakeEngine
+from fixtures.planted_router import planted
+from harness import evidence as ev
 from harness.cluster import Cluster
-from harness.engines.metrics import PROMPT_TOKENS, REQUESTS_RUNNING, Metrics
-from suites.disagg_checks import complete, fresh_prompt, read_data_events, sse_error_message, wait_for_metric
+from harness.engines.metrics import Metrics
+from harness.openai_client import OpenAIEndpoint
+from suites.disagg_checks import (assert_aborted, finish_reasons, fresh_prompt, need_metrics, read_data_events,
+                                  sse_error_message, wait_for_quantity)
 
 pytestmark = [pytest.mark.spec("4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines")]
+DECODE_METRICS = ev.engine_metrics("decode")
+MAX_TOKENS = 900
+EVENTS_BEFORE_LEAVING = 5
 
 
-def stream_request(base_url: str, model: str, max_tokens: int) -> dict:
-    return {"method": "POST", "url": f"{base_url}/v1/completions", "timeout": httpx.Timeout(120, connect=5),
-            "json": {"model": model, "prompt": fresh_prompt(40), "max_tokens": max_tokens, "temperature": 0.0,
-                     "ignore_eos": True, "stream": True}}
+def disconnect_mid_stream(endpoint: OpenAIEndpoint, decode_url: str) -> tuple[Metrics, Metrics, dict]:
+    """Stream a long greedy completion, read a few events, drop the connection; scrape around it."""
+    # ignore_eos keeps a random-weight model from stopping early; sent only where it is accepted.
+    extra = {"ignore_eos": True} if endpoint.accepts("ignore_eos", True) else {}
+    before = Metrics.scrape(decode_url)
+    need_metrics(before, "requests_running")
+    if before.missing("aborted_requests") and before.missing("generation_tokens"):
+        pytest.skip(f"needs engine evidence of an abort: {before.missing('aborted_requests', 'generation_tokens')}")
+    with httpx.stream(**endpoint.stream_request(fresh_prompt(40), MAX_TOKENS, **extra)) as resp:
+        assert resp.status_code == 200, resp.read()[:300]
+        lines = read_data_events(resp.iter_lines(), EVENTS_BEFORE_LEAVING)
+        if finish_reasons(lines) or "data: [DONE]" in lines:
+            pytest.skip(f"the request finished before the client left ({finish_reasons(lines)}): needs "
+                        f"ignore_eos, which {endpoint.url} did not accept")
+        running = Metrics.scrape(decode_url).get("requests_running")
+        assert running >= 1, "the decode request is not running on the decode engine given by --engine-url"
+    running = wait_for_quantity(decode_url, "requests_running", lambda v: v == 0, timeout_s=60)
+    after = Metrics.scrape(decode_url)
+    return before, after, {"running_after": running}
 
 
 @pytest.mark.spec("R6")
+@pytest.mark.needs(ev.FRONTEND, DECODE_METRICS)
 def test_a_client_disconnect_aborts_the_decode_request(disagg, record_property):
-    decode = disagg.url("decode")
-    before = Metrics.scrape(decode)
-    with httpx.stream(**stream_request(disagg.frontend_url, disagg.model, max_tokens=900)) as resp:
-        assert resp.status_code == 200
-        read_data_events(resp.iter_lines(), 5)
-        assert Metrics.scrape(decode).value(REQUESTS_RUNNING) >= 1, "the decode request is not running"
-    running = wait_for_metric(decode, REQUESTS_RUNNING, lambda v: v == 0, timeout_s=60)
-    after = Metrics.scrape(decode)
-    generated = after.delta(before, "vllm:generation_tokens_total")
-    record_property("after_disconnect", {"running": running, "generated_tokens": generated})
-    assert running == 0, "the decode engine still runs the request of a client that left"
-    assert generated < 900, "the request ran to completion instead of being aborted"
+    before, after, seen = disconnect_mid_stream(disagg.endpoint(), disagg.url("decode"))
+    numbers = {**seen, **assert_aborted(before, after, MAX_TOKENS, EVENTS_BEFORE_LEAVING)}
+    record_property("after_disconnect", numbers)
+    assert seen["running_after"] == 0, "the decode engine still runs the request of a client that left"
+
+
+@pytest.mark.spec("R6")
+@pytest.mark.needs(ev.PLANTED_ROUTER)
+def test_a_frontend_that_keeps_the_decode_stream_alive_is_caught(disagg, record_property):
+    cluster = Cluster(disagg.workdir / "keeps-decode-alive", disagg.cluster.model_dir, disagg.model,
+                      block_size=disagg.profile.block_size, timeout_s=disagg.profile.request_timeout_s,
+                      protocol=disagg.profile.protocol, router=planted("keep_decode_alive")).start()
+    try:
+        cluster.register(disagg.engines["prefill"])
+        cluster.register(disagg.engines["decode"])
+        cluster.wait_for_roles({"prefill", "decode"})
+        endpoint = OpenAIEndpoint(cluster.url, disagg.model, disagg.profile.request_timeout_s)
+        before, after, seen = disconnect_mid_stream(endpoint, disagg.url("decode"))
+    finally:
+        cluster.stop()
+    with pytest.raises(AssertionError, match="ran on after the client left|was not aborted"):
+        assert_aborted(before, after, MAX_TOKENS, EVENTS_BEFORE_LEAVING)
+    record_property("planted_keep_alive", {"generated_tokens": after.delta(before, "generation_tokens"),
+                                           "aborted_requests": after.delta(before, "aborted_requests")})
 
 
 @pytest.mark.spec("4.1")
-@pytest.mark.embedded_only
+@pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_prefill_error_is_reported_and_not_retried_on_decode(disagg):
     with FakeEngine("prefill", name="failing-prefill", fail_status=500) as prefill:
         cluster = Cluster(disagg.workdir / "failing-prefill", disagg.cluster.model_dir, disagg.model,
@@ -49,24 +84,24 @@ def test_a_prefill_error_is_reported_and_not_retried_on_decode(disagg):
             cluster.register(disagg.engines["decode"])
             cluster.wait_for_roles({"prefill", "decode"})
             before = Metrics.scrape(disagg.url("decode"))
-            resp = complete(cluster.url, disagg.model, fresh_prompt(40))
+            resp = OpenAIEndpoint(cluster.url, disagg.model).complete(fresh_prompt(40))
             after = Metrics.scrape(disagg.url("decode"))
         finally:
             cluster.stop()
     assert resp.status_code == 502
     message = resp.json()["error"]["message"]
     assert "prefill worker" in message and "HTTP 500" in message, message
-    assert after.delta(before, PROMPT_TOKENS) == 0, "the decode engine re-ran the failed prefill"
+    assert after.delta(before, "prompt_tokens") == 0, "the decode engine re-ran the failed prefill"
 
 
 @pytest.mark.spec("4.4")
-@pytest.mark.embedded_only
+@pytest.mark.needs(ev.ENGINE_CONTROL)
 def test_a_decode_worker_killed_mid_stream_gives_the_client_a_clear_error(disagg):
     try:
-        with httpx.stream(**stream_request(disagg.frontend_url, disagg.model, max_tokens=900)) as resp:
+        with httpx.stream(**disagg.endpoint().stream_request(fresh_prompt(40), MAX_TOKENS, ignore_eos=True)) as resp:
             assert resp.status_code == 200
             stream = resp.iter_lines()
-            lines = read_data_events(stream, 5)
+            lines = read_data_events(stream, EVENTS_BEFORE_LEAVING)
             disagg.kill_role("decode")
             lines += list(stream)
     finally:

@@ -1,7 +1,8 @@
-"""Disaggregated routing against real engines (SPEC §4.1): same tokens, KV really moved.
+"""Disaggregated routing (SPEC §4.1): same output as aggregated, and the KV really moved.
 
-Runs with the `cpu` profile (vLLM CPU + NixlConnector) in CI and the GPU profiles with -m gpu.
-Every check records the decode engine's prompt-token counts by source in the report.
+Runs with the `cpu` profile (vLLM CPU + NixlConnector) in CI, the GPU profiles with -m gpu, and
+against a foreign frontend given by URL. Every check records the decode engine's prompt-token
+counts by source in the report, and how outputs were compared.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import pytest
 import requests
 
-from harness.engines.metrics import Metrics, kv_sources
-from harness.frontend.router import FAULT_DROP_KV_TRANSFER_PARAMS, FAULT_SPLIT_REQUEST_ID
+from fixtures.planted_router import planted
+from harness import evidence as ev
 from harness.cluster import Cluster
-from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, complete, fresh_prompt,
-                                  token_ids)
+from harness.engines.metrics import Metrics, kv_sources
+from harness.openai_client import comparable_by, output, routing_mode
+from suites.disagg_checks import assert_computed_locally, assert_kv_moved, fresh_prompt, need_kv_sources
 
-pytestmark = [pytest.mark.spec("4.1"), pytest.mark.engines, pytest.mark.xdist_group("engines")]
+pytestmark = [pytest.mark.spec("4.1"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
+              pytest.mark.needs(ev.FRONTEND)]
+DECODE_METRICS = ev.engine_metrics("decode")
 
 LONG = ("Disaggregated serving splits prefill and decode across different workers. The key value cache "
         "stores attention keys and values for each block of tokens. The server receives a request, runs the "
@@ -31,7 +35,10 @@ PROMPTS = {
 
 
 def prompt_tokens(response: requests.Response) -> int:
-    return response.json()["usage"]["prompt_tokens"]
+    assert response.status_code == 200, f"HTTP {response.status_code}: {response.text[:300]}"
+    usage = response.json().get("usage")
+    assert usage and "prompt_tokens" in usage, f"the response has no usage.prompt_tokens: {response.text[:300]}"
+    return usage["prompt_tokens"]
 
 
 def recompute_allowed(disagg) -> int:
@@ -40,16 +47,29 @@ def recompute_allowed(disagg) -> int:
     return 0 if profile is None or profile.moves_partial_block else profile.block_size
 
 
+def scrape_decode(disagg) -> Metrics | None:
+    return Metrics.scrape(disagg.url("decode")) if disagg.has("decode") else None
+
+
+@pytest.mark.needs(ev.AGGREGATED_REFERENCE)
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_greedy_output_through_disagg_equals_aggregated_token_for_token(disagg, name, record_property):
-    if not disagg.has("aggregated"):
-        pytest.skip("no aggregated engine to compare against (give --engine-url aggregated=URL)")
-    reference = token_ids(complete(disagg.url("aggregated"), disagg.model, PROMPTS[name]))
-    before = Metrics.scrape(disagg.url("decode"))
-    resp = complete(disagg.frontend_url, disagg.model, PROMPTS[name])
-    after = Metrics.scrape(disagg.url("decode"))
-    assert resp.headers.get("x-disagg-mode", "disaggregated") == "disaggregated", "the frontend served aggregated"
-    assert token_ids(resp) == reference, f"{name}: disaggregated output diverged from aggregated"
+def test_greedy_output_through_disagg_equals_aggregated(disagg, name, record_property):
+    frontend, reference_engine = disagg.endpoint(), disagg.engine_endpoint("aggregated")
+    by = comparable_by(frontend, reference_engine)
+    reference = output(reference_engine.complete(PROMPTS[name]), by)
+    before = scrape_decode(disagg)
+    resp = frontend.complete(PROMPTS[name])
+    after = scrape_decode(disagg)
+    record_property("compared_by", by)
+    mode = routing_mode(resp)
+    assert mode != "aggregated", "the frontend served the request aggregated: nothing disaggregated was compared"
+    if mode == "unknown":  # no routing header: the decode engine's own counters must show the transfer
+        if before is None or before.missing("prompt_tokens_external_kv_transfer"):
+            pytest.skip(f"cannot tell whether the request was disaggregated: {ev.ROUTING_HEADERS.lacking()}, "
+                        f"or {DECODE_METRICS.lacking()} with KV-source counters")
+    assert output(resp, by) == reference, f"{name}: disaggregated output diverged from aggregated (by {by})"
+    if before is None or before.missing("prompt_tokens_external_kv_transfer"):
+        return
     if name == "shares-a-prefix":  # the decode may hold the shared blocks from the earlier transfer
         numbers = {"prompt_tokens": prompt_tokens(resp), **kv_sources(after, before)}
         assert numbers["local_compute"] <= recompute_allowed(disagg), f"decode recomputed a transferred prompt: {numbers}"
@@ -58,10 +78,11 @@ def test_greedy_output_through_disagg_equals_aggregated_token_for_token(disagg, 
     record_property("kv", numbers)
 
 
+@pytest.mark.needs(DECODE_METRICS)
 def test_the_kv_of_a_fresh_prompt_really_moves_to_decode(disagg, record_property):
     before = Metrics.scrape(disagg.url("decode"))
-    resp = complete(disagg.frontend_url, disagg.model, fresh_prompt(60))
-    assert resp.status_code == 200, resp.text
+    need_kv_sources(before)
+    resp = disagg.endpoint().complete(fresh_prompt(60))
     numbers = assert_kv_moved(before, Metrics.scrape(disagg.url("decode")), prompt_tokens(resp),
                               recompute_allowed(disagg))
     record_property("kv", numbers)
@@ -72,11 +93,12 @@ def test_the_kv_of_a_fresh_prompt_really_moves_to_decode(disagg, record_property
 @pytest.mark.spec("4.1", "5")
 def test_a_repeated_prompt_reports_the_prefills_prefix_hits_as_cached_tokens(disagg, record_property):
     prompt = fresh_prompt(80)  # several full blocks
-    first = complete(disagg.frontend_url, disagg.model, prompt)
-    second = complete(disagg.frontend_url, disagg.model, prompt)
-    details = [(r.json()["usage"] or {}).get("prompt_tokens_details") for r in (first, second)]
+    first, second = disagg.endpoint().complete(prompt), disagg.endpoint().complete(prompt)
+    usages = [r.json().get("usage") or {} for r in (first, second)]
+    details = [u.get("prompt_tokens_details", "absent") for u in usages]
     record_property("prompt_tokens_details", details)
-    assert details[1] is not None, "usage has no prompt_tokens_details (engine started without them?)"
+    assert details[1] != "absent" and details[1] is not None, (
+        f"usage has no prompt_tokens_details (reported distinctly from an explicit 0): {usages[1]}")
     assert details[1]["cached_tokens"] >= (disagg.profile.block_size if disagg.profile else 1), (
         f"the repeat was not served from the prefill's prefix cache: {details}")
 
@@ -89,7 +111,7 @@ def planted_cluster(disagg):
     def make(fault: str) -> Cluster:
         cluster = Cluster(disagg.workdir / f"planted-{fault}", disagg.cluster.model_dir, disagg.model,
                           block_size=disagg.profile.block_size, timeout_s=disagg.profile.request_timeout_s,
-                          protocol=disagg.profile.protocol, faults=frozenset({fault})).start()
+                          protocol=disagg.profile.protocol, router=planted(fault)).start()
         made.append(cluster)
         cluster.register(disagg.engines["prefill"])
         cluster.register(disagg.engines["decode"])
@@ -102,54 +124,65 @@ def planted_cluster(disagg):
 
 
 @pytest.mark.spec("R7")
-@pytest.mark.embedded_only
+@pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_drops_kv_transfer_params_is_caught(disagg, planted_cluster, record_property):
     if not disagg.profile.proves_protocol:
         pytest.skip(f"profile {disagg.profile.name}: {disagg.profile.connector} ignores kv_transfer_params, "
                     f"so dropping them changes nothing it can see")
-    cluster = planted_cluster(FAULT_DROP_KV_TRANSFER_PARAMS)
+    cluster = planted_cluster("drop_kv_transfer_params")
     before = Metrics.scrape(disagg.url("decode"))
-    resp = complete(cluster.url, disagg.model, fresh_prompt(60))
+    resp = requests.post(f"{cluster.url}/v1/completions", timeout=120, json={
+        "model": disagg.model, "prompt": fresh_prompt(60), "max_tokens": 16, "temperature": 0.0})
     after = Metrics.scrape(disagg.url("decode"))
-    assert resp.status_code == 200
     with pytest.raises(AssertionError, match="recomputed"):
         assert_kv_moved(before, after, prompt_tokens(resp))
     record_property("kv_with_planted_bug", assert_computed_locally(before, after, prompt_tokens(resp)))
 
 
-@pytest.mark.spec("R6")
-@pytest.mark.embedded_only
-def test_prefill_and_decode_run_under_the_clients_request_id(disagg, planted_cluster):
-    rid = fresh_prompt(1).split()[1].rstrip(":")
-    resp = complete(disagg.frontend_url, disagg.model, fresh_prompt(40), headers={"X-Request-Id": rid})
-    assert resp.status_code == 200
-    ids = {role: resp.headers.get(f"x-disagg-{role}-engine-request-id") for role in ("prefill", "decode")}
-    assert ids == {"prefill": f"cmpl-{rid}", "decode": f"cmpl-{rid}"}, ids
+def engine_request_ids(resp: requests.Response) -> dict[str, str | None]:
+    return {role: resp.headers.get(f"x-disagg-{role}-engine-request-id") for role in ("prefill", "decode")}
 
-    planted = planted_cluster(FAULT_SPLIT_REQUEST_ID)
-    resp = complete(planted.url, disagg.model, fresh_prompt(40), headers={"X-Request-Id": rid + "x"})
-    split = {role: resp.headers.get(f"x-disagg-{role}-engine-request-id") for role in ("prefill", "decode")}
-    assert split["prefill"] != split["decode"], "the planted split went unnoticed"
+
+@pytest.mark.spec("R6")
+@pytest.mark.needs(ev.ENGINE_REQUEST_IDS)
+def test_prefill_and_decode_run_under_the_clients_request_id(disagg):
+    rid = fresh_prompt(1).split()[1].rstrip(":")
+    resp = disagg.endpoint().complete(fresh_prompt(40), headers={"X-Request-Id": rid})
+    assert resp.status_code == 200
+    assert engine_request_ids(resp) == {"prefill": f"cmpl-{rid}", "decode": f"cmpl-{rid}"}
+
+
+@pytest.mark.spec("R6")
+@pytest.mark.needs(ev.PLANTED_ROUTER)
+def test_a_router_that_splits_the_request_id_is_caught(disagg, planted_cluster):
+    planted_frontend = planted_cluster("split_request_id")
+    rid = fresh_prompt(1).split()[1].rstrip(":")
+    resp = requests.post(f"{planted_frontend.url}/v1/completions", headers={"X-Request-Id": rid}, timeout=120,
+                         json={"model": disagg.model, "prompt": fresh_prompt(40), "max_tokens": 4})
+    with pytest.raises(AssertionError):
+        assert engine_request_ids(resp) == {"prefill": f"cmpl-{rid}", "decode": f"cmpl-{rid}"}
 
 
 @pytest.mark.spec("4.1", "3")
-@pytest.mark.embedded_only
+@pytest.mark.needs(ev.ENGINE_CONTROL, ev.AGGREGATED_REFERENCE, ev.ROUTING_HEADERS, DECODE_METRICS)
 def test_without_a_prefill_worker_the_model_serves_aggregated_and_returns_to_disagg(disagg, record_property):
     prompt = fresh_prompt(50)
-    reference = token_ids(complete(disagg.url("aggregated"), disagg.model, prompt))
+    frontend, reference_engine = disagg.endpoint(), disagg.engine_endpoint("aggregated")
+    by = comparable_by(frontend, reference_engine)
+    reference = output(reference_engine.complete(prompt), by)
     disagg.stop_role("prefill")
     try:
         disagg.cluster.wait_for_roles({"decode"}, timeout_s=30)
         before = Metrics.scrape(disagg.url("decode"))
-        resp = complete(disagg.frontend_url, disagg.model, prompt)
+        resp = frontend.complete(prompt)
         after = Metrics.scrape(disagg.url("decode"))
-        assert resp.headers["x-disagg-mode"] == "aggregated"
-        assert token_ids(resp) == reference
+        assert routing_mode(resp) == "aggregated"
+        assert output(resp, by) == reference
         record_property("kv_aggregated", assert_computed_locally(before, after, prompt_tokens(resp)))
     finally:
         disagg.launch(("prefill",))
     before = Metrics.scrape(disagg.url("decode"))
-    resp = complete(disagg.frontend_url, disagg.model, fresh_prompt(50))
-    assert resp.headers["x-disagg-mode"] == "disaggregated"
+    resp = frontend.complete(fresh_prompt(50))
+    assert routing_mode(resp) == "disaggregated"
     record_property("kv_back_to_disagg", assert_kv_moved(before, Metrics.scrape(disagg.url("decode")),
                                                           prompt_tokens(resp), recompute_allowed(disagg)))

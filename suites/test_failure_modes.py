@@ -30,7 +30,7 @@ from harness.resolve.rungs import MAX_FILE_BYTES
 from harness.worker.card_builder import build_card
 from harness.worker.metadata_server import MetadataServer
 
-pytestmark = [pytest.mark.spec("2.3"), pytest.mark.embedded_only]
+pytestmark = [pytest.mark.spec("2.3"), pytest.mark.harness_code]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import evidence as ev
+
 pytestmark = [pytest.mark.spec("4.1", "3"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
-              pytest.mark.embedded_only]
+              pytest.mark.harness_code, pytest.mark.needs(ev.PLANTED_ROUTER)]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,7 @@ def test_the_disagg_suite_runs_against_a_frontend_given_by_url(disagg, tmp_path)
     engines = [f"--engine-url={role}={disagg.url(role)}" for role in ("prefill", "decode", "aggregated")]
     proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "suites" / "test_disagg_routing.py"), "-q",
                            "-rs", "-p", "no:xdist", "-p", "no:cacheprovider", f"--frontend-url={disagg.frontend_url}",
-                           *engines, f"--report-dir={tmp_path}"],
+                           f"--model={disagg.model}", *engines, f"--report-dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "conformance.json").read_text())
@@ -30,6 +32,11 @@ def test_the_disagg_suite_runs_against_a_frontend_given_by_url(disagg, tmp_path)
     assert report["deployment"]["frontend"]["url"] == disagg.frontend_url
     outcomes = {c["id"].split("::")[1]: c["outcome"] for c in report["checks"]}
     assert all(outcome == "passed" for name, outcome in outcomes.items() if "equals_aggregated" in name)
-    assert outcomes["test_the_kv_of_a_fresh_prompt_really_moves_to_decode[external]"] == "passed"
-    skipped = [c for c in report["checks"] if c["outcome"] == "skipped"]
-    assert skipped and all("foreign" in c["message"] for c in skipped), "embedded-only checks must say why"
+    assert outcomes["test_the_kv_of_a_fresh_prompt_really_moves_to_decode[foreign]"] == "passed"
+    assert outcomes["test_prefill_and_decode_run_under_the_clients_request_id[foreign]"] == "passed"
+    assert report["deployment"]["frontend_returns_token_ids"] is True
+    skipped = {c["id"].split("::")[1]: c["message"] for c in report["checks"] if c["outcome"] == "skipped"}
+    assert set(skipped) == {"test_a_router_that_drops_kv_transfer_params_is_caught[foreign]",
+                            "test_a_router_that_splits_the_request_id_is_caught[foreign]",
+                            "test_without_a_prefill_worker_the_model_serves_aggregated_and_returns_to_disagg[foreign]"}
+    assert all("only the embedded deployment grants it" in m for m in skipped.values()), skipped

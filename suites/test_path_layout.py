@@ -78,3 +78,18 @@ def test_local_dir_holds_every_metadata_sibling_of_its_source(deployment, card_u
         expected = {n for n in expected if n != "README.md" and not n.startswith(".")}
     missing = expected - {p.name for p in local_dir.iterdir()}
     assert not missing, f"local_dir of {card_under_test.label} lacks {sorted(missing)}"
+
+
+@pytest.mark.spec("1.4", "1.5")
+def test_prefill_and_decode_cards_of_one_name_get_different_local_dirs(deployment):
+    by_name: dict[str, dict[str, Path]] = {}
+    for c in deployment.cards:
+        role = c.card.worker_type.value if c.card.worker_type else "aggregated"
+        by_name.setdefault(c.card.display_name, {})[role] = c.card.local_dir(deployment.cache_root)
+    pairs = {name: dirs for name, dirs in by_name.items() if {"prefill", "decode"} <= set(dirs)}
+    if not pairs:
+        pytest.skip(f"needs a prefill and a decode card of one model; the cards are {sorted(by_name)} with roles "
+                    f"{ {n: sorted(d) for n, d in by_name.items()} }")
+    for name, dirs in pairs.items():
+        assert dirs["prefill"] != dirs["decode"], f"{name}: prefill and decode share local_dir {dirs['prefill']}"
+        assert dirs["prefill"].is_dir() and dirs["decode"].is_dir(), f"{name}: a role's local_dir is missing {dirs}"

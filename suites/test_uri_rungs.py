@@ -15,7 +15,7 @@ from harness.resolve import Resolver
 from harness.resolve.rungs import plan
 from harness.worker.card_builder import build_card
 
-pytestmark = [pytest.mark.spec("2.1"), pytest.mark.embedded_only]
+pytestmark = [pytest.mark.spec("2.1"), pytest.mark.harness_code]
 
 
 @pytest.fixture

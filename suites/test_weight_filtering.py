@@ -21,6 +21,7 @@ pytestmark = pytest.mark.spec("2.4")
 
 
 @pytest.mark.spec("R2")
+@pytest.mark.harness_code
 @pytest.mark.parametrize("name", DENIED)
 def test_the_frontend_harvest_excludes_every_denied_weight_extension(deployment, name):
     for label in ("text-shared-storage", "text-hf-cache", "multimodal-shared-storage"):
@@ -28,6 +29,7 @@ def test_the_frontend_harvest_excludes_every_denied_weight_extension(deployment,
         assert not (local_dir / name).exists(), f"{name} was harvested into {label}'s local_dir"
 
 
+@pytest.mark.harness_code
 @pytest.mark.parametrize("name", LOOK_ALIKES)
 def test_the_frontend_harvest_keeps_every_look_alike(deployment, name):
     for label in ("text-shared-storage", "text-hf-cache"):
@@ -35,25 +37,36 @@ def test_the_frontend_harvest_keeps_every_look_alike(deployment, name):
         assert (local_dir / name).is_symlink(), f"look-alike {name} is missing from {label}'s local_dir"
 
 
-@pytest.mark.spec("2.5", "R2")
-@pytest.mark.parametrize("label", ["text-self-host", "multimodal-self-host"])
-def test_the_worker_filter_is_as_wide_as_the_frontend_filter(deployment, label):
-    extras = {e.name for e in deployment.card(label).card.extra_files}
-    assert not {n for n in extras if is_weight_file(n)}, f"weights in {label}'s extra_files: {extras}"
-    assert set(LOOK_ALIKES) <= extras
-    assert "README.md" not in extras and not any(n.startswith(".") for n in extras)
+def self_host(card_under_test):
+    if card_under_test.mode != "self-host":
+        pytest.skip(f"{card_under_test.label} is a {card_under_test.mode} card; this checks self-host cards")
+    return card_under_test
 
 
 @pytest.mark.spec("2.5", "R2")
-@pytest.mark.parametrize("label", ["text-self-host", "multimodal-self-host"])
-def test_every_self_host_entry_is_a_verified_blob_and_none_is_a_weight(deployment, label):
-    local_dir = deployment.card(label).card.local_dir(deployment.cache_root)
+def test_the_worker_filter_is_as_wide_as_the_frontend_filter(card_under_test):
+    card = self_host(card_under_test).card
+    extras = {e.name for e in card.extra_files}
+    assert not {n for n in extras if is_weight_file(n)}, f"weights in {card_under_test.label}'s extra_files: {extras}"
+    assert "README.md" not in extras and not any(n.startswith(".") for n in extras), extras
+    source = card_under_test.source_dir
+    if source is not None:  # and no narrower: every other non-weight sibling is listed
+        expected = {p.name for p in source.iterdir() if p.is_file() and not is_weight_file(p.name)
+                    and p.name != "README.md" and not p.name.startswith(".")} - card.typed_names()
+        assert expected <= extras, f"extra_files of {card_under_test.label} lack {sorted(expected - extras)}"
+
+
+@pytest.mark.spec("2.5", "R2")
+def test_every_self_host_entry_is_a_verified_blob_and_none_is_a_weight(deployment, card_under_test):
+    local_dir = self_host(card_under_test).card.local_dir(deployment.cache_root)
     for entry in local_dir.iterdir():
         target = Path(os.readlink(entry))
         assert target.parent == deployment.cache_root / "blobs", f"{entry.name} is not a blob in self-host mode"
+        assert hash_file(target) == target.name, f"{entry.name} -> {target} does not verify"
         assert not is_weight_file(entry.name)
 
 
+@pytest.mark.harness_code
 @pytest.mark.spec("2.5")
 def test_the_worker_lists_extra_files_only_in_self_host_mode(fixture_models):
     assert build_card(fixture_models["text"], "t").extra_files == ()
@@ -63,7 +76,7 @@ def test_the_worker_lists_extra_files_only_in_self_host_mode(fixture_models):
 
 
 @pytest.mark.spec("R4")
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_a_harvest_never_overwrites_a_typed_slot(tmp_path):
     """tokenizer.json comes from a dir that also holds a *different* config.json."""
     model = make_text_model(tmp_path / "model")
@@ -79,7 +92,7 @@ def test_a_harvest_never_overwrites_a_typed_slot(tmp_path):
 
 
 @pytest.mark.spec("R3")
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_a_changed_snapshot_is_relinked_under_the_same_mdcsum(tmp_path):
     model = add_weight_files(make_text_model(tmp_path / "model"))
     hub = tmp_path / "hub"
@@ -98,7 +111,7 @@ def test_a_changed_snapshot_is_relinked_under_the_same_mdcsum(tmp_path):
     assert not (second.local_dir / "LICENSE").exists(), "a sibling gone from the snapshot survived"
 
 
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_a_missing_snapshot_dir_is_not_an_error(tmp_path):
     local_dir = tmp_path / "local"
     local_dir.mkdir()
@@ -107,7 +120,7 @@ def test_a_missing_snapshot_dir_is_not_an_error(tmp_path):
 
 
 @pytest.mark.spec("2.5")
-@pytest.mark.embedded_only
+@pytest.mark.harness_code
 def test_a_symlinked_sibling_links_to_its_resolved_target(tmp_path):
     model = make_text_model(tmp_path / "model")
     real = tmp_path / "shared" / "NOTICE"

@@ -11,8 +11,10 @@ import httpx
 import pytest
 import requests
 
-from harness.frontend.router import FAULT_DROP_KV_TRANSFER_PARAMS, PREFILL_KV_TRANSFER_PARAMS
-from suites.disagg_checks import read_data_events, sse_error_message
+from fixtures.planted_router import planted
+from harness.engines.metrics import Metrics
+from harness.frontend.router import PREFILL_KV_TRANSFER_PARAMS
+from suites.disagg_checks import assert_aborted, read_data_events, sse_error_message
 
 PROMPT = "Hello, how are you today? The quick brown fox jumps over the lazy dog. " * 3
 
@@ -101,23 +103,58 @@ def test_a_non_streaming_request_to_a_dying_decode_is_a_502(cluster, fake_engine
     assert resp.status_code == 502 and "decode worker" in resp.json()["error"]["message"]
 
 
-def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
-    decode = fake_engines("decode", token_delay_s=0.05)
-    serve(cluster, decode)
+def leave_mid_stream(cluster, decode, max_tokens: int = 200) -> tuple[Metrics, Metrics]:
+    """Read 3 events of a long stream, drop the connection, wait until the decode is idle."""
+    before = Metrics.scrape(decode.url)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
-                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": 500, "stream": True}) as resp:
+                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}) as resp:
         assert resp.status_code == 200
         read_data_events(resp.iter_lines(), 3)
         assert decode.state.running == 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while decode.state.running and time.monotonic() < deadline:
         time.sleep(0.05)
+    return before, Metrics.scrape(decode.url)
+
+
+def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
+    decode = fake_engines("decode", token_delay_s=0.02)
+    serve(cluster, decode)
+    before, after = leave_mid_stream(cluster, decode)
     assert decode.state.running == 0, "the decode request kept running after the client left"
+    assert assert_aborted(before, after, 200, 3)["aborted_requests"] == 1
+
+
+def test_a_frontend_that_keeps_reading_the_decode_stream_fails_the_abort_check(make_cluster, fake_engines):
+    """The planted keep-alive (R6): the decode generates on for nobody, and both kinds of evidence see it."""
+    cluster = make_cluster(router=planted("keep_decode_alive"))
+    decode = fake_engines("decode", token_delay_s=0.002)
+    serve(cluster, decode)
+    before, after = leave_mid_stream(cluster, decode)
+    assert after.delta(before, "generation_tokens") == 200, "the planted frontend did not keep the stream alive"
+    with pytest.raises(AssertionError, match="ran on after the client left"):
+        assert_aborted(before, after, 200, 3)
+    without_abort_counter = Metrics({k: v for k, v in after.families.items() if k != "vllm:request_success"})
+    before_without = Metrics({k: v for k, v in before.families.items() if k != "vllm:request_success"})
+    with pytest.raises(AssertionError, match="was not aborted"):
+        assert_aborted(before_without, without_abort_counter, 200, 3)
+
+
+def test_a_decode_stream_that_ends_without_done_gives_the_client_an_error_event(cluster, fake_engines):
+    decode = fake_engines("decode", end_without_done=True)
+    serve(cluster, decode)
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
+                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stream": True}) as resp:
+        lines = list(resp.iter_lines())
+    assert "closed the stream before [DONE]" in sse_error_message(lines)
+    assert "data: [DONE]" not in lines
+    non_streamed = complete(cluster)
+    assert non_streamed.status_code == 502 and "before [DONE]" in non_streamed.json()["error"]["message"]
 
 
 def test_the_planted_kv_drop_makes_decode_recompute(make_cluster, fake_engines):
     """The planted bug behind SPEC §7 R7: the checks in suites/ must see local_compute rise."""
-    cluster = make_cluster(faults=frozenset({FAULT_DROP_KV_TRANSFER_PARAMS}))
+    cluster = make_cluster(router=planted("drop_kv_transfer_params"))
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
     serve(cluster, prefill, decode)
     assert complete(cluster).status_code == 200

@@ -106,7 +106,7 @@ def test_the_cpu_profile_runs_vllm_with_nixl_on_a_cpu_buffer_pinned_per_role(tmp
 
 
 def test_gpu_profiles_are_marked_gpu_and_the_sglang_one_uses_bootstrap(tmp_path):
-    assert {n for n, p in PROFILES.items() if p.gpu} == {"gpu-vllm", "gpu-sglang"}
+    assert {n for n, p in PROFILES.items() if p.gpu} == {"gpu-vllm", "gpu-sglang", "gpu-vllm-1gpu", "gpu-sglang-1gpu"}
     sglang = PROFILES["gpu-sglang"].launch_spec("prefill", tmp_path, "m", 8001, 9001, tmp_path, python="py")
     assert sglang.command[1:3] == ["-m", "sglang.launch_server"]
     assert "--disaggregation-mode" in sglang.command and "--disaggregation-bootstrap-port" in sglang.command
@@ -141,3 +141,26 @@ def test_auto_launches_in_docker_only_for_a_profile_with_an_image_and_a_live_dae
     assert choose_launcher("docker", cpu, daemon=False) == "docker", "an explicit choice is kept"
     with pytest.raises(ValueError, match="launcher 'k8s' must be"):
         choose_launcher("k8s", cpu)
+
+
+@pytest.mark.parametrize("name, flag", [("gpu-vllm-1gpu", "--gpu-memory-utilization"),
+                                        ("gpu-sglang-1gpu", "--mem-fraction-static")])
+def test_one_gpu_profiles_fit_every_role_on_gpu_0_within_a_third_of_its_memory(tmp_path, name, flag):
+    profile = PROFILES[name]
+    assert profile.gpus_needed == 1
+    for role in ("prefill", "decode", "aggregated"):
+        spec = profile.launch_spec(role, tmp_path, "m", 8001, 9001, tmp_path, python="py")
+        assert spec.env["CUDA_VISIBLE_DEVICES"] == "0" and spec.gpus == (0,)
+        fraction = float(spec.command[spec.command.index(flag) + 1])
+        assert 3 * fraction < 1, f"{name} {role}: three engines at {fraction} do not fit one GPU"
+
+
+@pytest.mark.parametrize("gpus, expected", [
+    (0, ["cpu", "gpu-vllm", "gpu-sglang", "gpu-vllm-1gpu", "gpu-sglang-1gpu"]),
+    (1, ["cpu", "gpu-vllm-1gpu", "gpu-sglang-1gpu"]),
+    (2, ["cpu", "gpu-vllm", "gpu-sglang"]),
+])
+def test_the_auto_profile_picks_what_the_host_fits(gpus, expected):
+    from suites.conftest import auto_profiles
+
+    assert auto_profiles(gpus) == expected

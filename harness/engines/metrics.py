@@ -1,7 +1,11 @@
-"""Read an engine's Prometheus `/metrics` and compare two readings.
+"""Engine evidence from Prometheus `/metrics`, by meaning rather than by one engine's names.
 
-The disaggregation checks stand on these counters: on the decode engine, prompt tokens that came
-over the KV transfer count as `source="external_kv_transfer"`, recomputed ones as `local_compute`.
+The disaggregation checks stand on a few quantities: prompt tokens by where their KV came from
+(on a vLLM decode engine, `external_kv_transfer` vs `local_compute`), requests running, tokens
+generated, requests aborted. vLLM, SGLang and Dynamo's workers name them differently, and most
+export only some. One table maps each quantity to each engine's metric; a quantity whose metric
+family is not exported is *absent* (`None`), never 0, so a check can skip saying what is missing
+instead of passing or failing on a number nobody measured.
 """
 
 from __future__ import annotations
@@ -11,42 +15,101 @@ from dataclasses import dataclass
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-PROMPT_TOKENS_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
-REQUESTS_RUNNING = "vllm:num_requests_running"
-PROMPT_TOKENS = "vllm:prompt_tokens_total"
-NIXL_BYTES = "vllm:nixl_bytes_transferred_sum"
+
+@dataclass(frozen=True)
+class Source:
+    """One engine's metric for a quantity: a family name, and the labels that select the samples."""
+
+    family: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+# quantity -> (engine, where it exports it), in the order they are looked for: the first family
+# the scrape has wins. Dynamo's mocker exports some vLLM names too, so vLLM's come first. Counter
+# families are named without `_total` (prometheus_client's parser strips it from the family).
+QUANTITIES: dict[str, list[tuple[str, Source]]] = {
+    "requests_running": [("vllm", Source("vllm:num_requests_running")), ("sglang", Source("sglang:num_running_reqs")),
+                         ("dynamo", Source("dynamo_component_inflight_requests"))],
+    "prompt_tokens": [("vllm", Source("vllm:prompt_tokens")), ("sglang", Source("sglang:prompt_tokens"))],
+    "generation_tokens": [("vllm", Source("vllm:generation_tokens")), ("sglang", Source("sglang:generation_tokens"))],
+    # Requests the engine ended because the client (or the frontend on its behalf) went away.
+    "aborted_requests": [("vllm", Source("vllm:request_success", (("finished_reason", "abort"),))),
+                         ("dynamo", Source("dynamo_component_cancellation"))],
+    "kv_transfer_bytes": [("vllm", Source("vllm:nixl_bytes_transferred"))],
+}
+for _source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+    QUANTITIES[f"prompt_tokens_{_source}"] = [("vllm", Source("vllm:prompt_tokens_by_source", (("source", _source),)))]
+KV_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+# How an engine is recognised from its metric names.
+FAMILY_PREFIXES = (("vllm", "vllm:"), ("sglang", "sglang:"), ("dynamo", "dynamo_component_"))
 
 
 @dataclass
 class Metrics:
-    samples: list[tuple[str, dict[str, str], float]]
+    """One scrape of one engine's `/metrics`."""
+
+    families: dict[str, list[tuple[str, dict[str, str], float]]]
+    url: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Metrics":
-        samples = []
+    def parse(cls, text: str, url: str | None = None) -> "Metrics":
+        families: dict[str, list] = {}
         for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                samples.append((s.name, dict(s.labels), float(s.value)))
-        return cls(samples)
+            samples = families.setdefault(family.name, [])
+            samples += [(s.name, dict(s.labels), float(s.value)) for s in family.samples]
+        return cls(families, url)
 
     @classmethod
     def scrape(cls, base_url: str, timeout: float = 10.0) -> "Metrics":
         resp = requests.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout)
         resp.raise_for_status()
-        return cls.parse(resp.text)
+        return cls.parse(resp.text, base_url)
 
-    def value(self, name: str, **labels: str) -> float:
-        """Sum of every sample of `name` whose labels include `labels`."""
-        return sum(v for n, lab, v in self.samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+    @property
+    def engines(self) -> list[str]:
+        """Whose metric names this scrape has (vllm, sglang, dynamo), for messages and the report."""
+        return [e for e, prefix in FAMILY_PREFIXES if any(name.startswith(prefix) for name in self.families)]
 
-    def has(self, name: str) -> bool:
-        return any(n == name for n, _, _ in self.samples)
+    def source(self, quantity: str) -> Source | None:
+        """Where this scrape has `quantity`, or None when it does not."""
+        return next((s for _, s in QUANTITIES[quantity] if s.family in self.families), None)
 
-    def delta(self, before: "Metrics", name: str, **labels: str) -> float:
-        return self.value(name, **labels) - before.value(name, **labels)
+    def get(self, quantity: str) -> float | None:
+        """The quantity's value (summed over matching samples), or None when it is not exported.
+
+        A labelled counter that is exported but has no sample for these labels yet is 0: the engine
+        counts that quantity and has seen none of it. Histogram families count their `_sum`.
+        """
+        source = self.source(quantity)
+        if source is None:
+            return None
+        wanted = dict(source.labels)
+        total = 0.0
+        for name, labels, value in self.families[source.family]:
+            if name.endswith(("_created", "_bucket", "_count")):
+                continue
+            if all(labels.get(k) == v for k, v in wanted.items()):
+                total += value
+        return total
+
+    def delta(self, before: "Metrics", quantity: str) -> float | None:
+        now, then = self.get(quantity), before.get(quantity)
+        return None if now is None or then is None else now - then
+
+    def missing(self, *quantities: str) -> str | None:
+        """A sentence naming what this engine does not export, or None when it exports them all."""
+        absent = [q for q in quantities if self.source(q) is None]
+        if not absent:
+            return None
+        where = f"the engine at {self.url}" if self.url else "the engine"
+        names = "; ".join(f"{q} (" + ", ".join(f"{e}: {s.family}" for e, s in QUANTITIES[q]) + ")" for q in absent)
+        return f"{where} ({'/'.join(self.engines) or 'unrecognised metric names'}) exports no metric for {names}"
 
 
-def kv_sources(after: Metrics, before: Metrics) -> dict[str, float]:
-    """Per-source prompt-token deltas between two readings of one engine."""
-    return {src: after.delta(before, PROMPT_TOKENS_BY_SOURCE, source=src)
-            for src in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+def kv_sources(after: Metrics, before: Metrics) -> dict[str, float | None]:
+    """Per-source prompt-token deltas between two readings of one engine (None where not exported)."""
+    return {src: after.delta(before, f"prompt_tokens_{src}") for src in KV_SOURCES}
+
+
+KV_SOURCE_QUANTITIES = tuple(f"prompt_tokens_{src}" for src in KV_SOURCES)

@@ -53,7 +53,13 @@ class EngineProfile:
     image: str | None = None
     cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
     gpus: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Share of each GPU's memory one engine may take, so that several roles fit on one GPU.
+    gpu_memory_fraction: float | None = None
     notes: str = ""
+
+    @property
+    def gpus_needed(self) -> int:
+        return len({g for ids in self.gpus.values() for g in ids})
 
     def launch_spec(self, role: str, model_dir: Path, served_name: str, port: int, side_port: int,
                     scratch: Path, python: str = sys.executable) -> LaunchSpec:
@@ -92,6 +98,8 @@ class EngineProfile:
         gpus = self.gpus.get(role, ())
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        if self.gpu_memory_fraction:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_fraction)]
         return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port,
                           frozenset(cores) if cores else None, gpus, self.image)
 
@@ -104,6 +112,8 @@ class EngineProfile:
             cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "nixl"]
             if role == "prefill":
                 cmd += ["--disaggregation-bootstrap-port", str(side_port)]
+        if self.gpu_memory_fraction:
+            cmd += ["--mem-fraction-static", str(self.gpu_memory_fraction)]
         gpus = self.gpus.get(role, ())
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
         return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port, None, gpus, self.image)
@@ -130,4 +140,16 @@ PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
         name="gpu-sglang", engine="sglang", gpu=True, protocol="sglang", connector=None, proves_protocol=True,
         block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,
         image="lmsysorg/sglang:latest", gpus={"prefill": (0,), "decode": (1,), "aggregated": (0,)}),
+    # One-GPU workstations: prefill, decode and the aggregated reference share GPU 0, each capped
+    # to under a third of its memory (the tiny model needs little; the KV cache takes the rest).
+    EngineProfile(
+        name="gpu-vllm-1gpu", engine="vllm", gpu=True, protocol="vllm", connector="NixlConnector",
+        proves_protocol=True, block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16",
+        max_model_len=2048, image="vllm/vllm-openai:latest", gpu_memory_fraction=0.28,
+        gpus={"prefill": (0,), "decode": (0,), "aggregated": (0,)}),
+    EngineProfile(
+        name="gpu-sglang-1gpu", engine="sglang", gpu=True, protocol="sglang", connector=None, proves_protocol=True,
+        block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,
+        image="lmsysorg/sglang:latest", gpu_memory_fraction=0.25,
+        gpus={"prefill": (0,), "decode": (0,), "aggregated": (0,)}),
 )}

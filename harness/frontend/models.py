@@ -37,9 +37,9 @@ class ServedModel:
 
 class ModelManager:
     def __init__(self, cache_root: str | Path, *, selection: str = "round_robin", protocol: str = "vllm",
-                 timeout_s: float = 120.0, faults: frozenset[str] = frozenset()):
+                 timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine):
         self.resolver = Resolver(cache_root)
-        self.selection, self.protocol, self.timeout_s, self.faults = selection, protocol, timeout_s, faults
+        self.selection, self.protocol, self.timeout_s, self.router = selection, protocol, timeout_s, router
         self.models: dict[str, ServedModel] = {}
         self.rejections: list[str] = []
         self._lock = threading.Lock()
@@ -67,8 +67,8 @@ class ModelManager:
         with self._lock:
             model = self.models.get(entry.name)
             if model is None:
-                engine = RoutedEngine(entry.name, selection=self.selection, protocol=self.protocol,
-                                      timeout_s=self.timeout_s, faults=self.faults)
+                engine = self.router(entry.name, selection=self.selection, protocol=self.protocol,
+                                     timeout_s=self.timeout_s)
                 model = ServedModel(entry.name, engine, Preprocessor.load(resolved.card, self.resolver.cache_root))
                 self.models[entry.name] = model
             model.mdcsum_by_role.setdefault(role, card.mdcsum())

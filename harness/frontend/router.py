@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 PREFILL_KV_TRANSFER_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                               "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
-# Planted bugs, for the suite's own tests: each re-creates a historical regression (SPEC §7) so a
-# test can show that the conformance checks catch it. Never set in a real deployment.
-FAULT_DROP_KV_TRANSFER_PARAMS = "drop_kv_transfer_params"  # R7: decode silently re-runs prefill
-FAULT_SPLIT_REQUEST_ID = "split_request_id"  # R6: prefill and decode get different request ids
-FAULTS = frozenset({FAULT_DROP_KV_TRANSFER_PARAMS, FAULT_SPLIT_REQUEST_ID})
 
 
 class RoutingError(HarnessError):
@@ -90,14 +85,12 @@ class Route:
 
 class RoutedEngine:
     def __init__(self, model: str, *, selection: str = "round_robin", protocol: str = "vllm",
-                 timeout_s: float = 120.0, faults: frozenset[str] = frozenset()):
+                 timeout_s: float = 120.0):
         if protocol not in ("vllm", "sglang", "shared-storage"):
             raise ValueError(f"protocol {protocol!r} must be 'vllm', 'sglang' or 'shared-storage'")
         if selection not in ("round_robin", "kv"):
             raise ValueError(f"selection {selection!r} must be 'round_robin' or 'kv'")
-        if unknown := set(faults) - FAULTS:
-            raise ValueError(f"unknown planted faults {sorted(unknown)}")
-        self.model, self.selection, self.protocol, self.faults = model, selection, protocol, frozenset(faults)
+        self.model, self.selection, self.protocol = model, selection, protocol
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()
@@ -163,14 +156,29 @@ class RoutedEngine:
             finish = (route.prefill_response.get("choices") or [{}])[0].get("finish_reason")
             if finish != "length":  # stop or EOS on the first token: the prefill's answer is final
                 return route, self._single(route.prefill_response)
-            ktp = route.prefill_response.get("kv_transfer_params")
-            if ktp is not None and FAULT_DROP_KV_TRANSFER_PARAMS not in self.faults:
+            ktp = self.decode_kv_transfer_params(route.prefill_response.get("kv_transfer_params"))
+            if ktp is not None:
                 engine_body["kv_transfer_params"] = ktp
-        stream = await self._open(client, route.decode, engine_body, self._decode_request_id(route))
+        stream = await self._open(client, route.decode, engine_body, self.decode_request_id(route))
         return route, self._relay(route, stream)
 
-    def _decode_request_id(self, route: Route) -> str:
-        return route.request_id + ("-decode" if FAULT_SPLIT_REQUEST_ID in self.faults else "")
+    # Extension points (the suite's planted bugs, fixtures/planted_router.py, override them).
+
+    def decode_kv_transfer_params(self, from_prefill: dict | None) -> dict | None:
+        """What the decode request carries: exactly what the prefill returned."""
+        return from_prefill
+
+    def decode_request_id(self, route: Route) -> str:
+        """The decode runs under the client's request id, as the prefill did."""
+        return route.request_id
+
+    def engine_lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+        """The engine stream's lines, read as the client reads them: a client that stops, stops it."""
+        return resp.aiter_lines()
+
+    async def release(self, resp: httpx.Response) -> None:
+        """Close an engine stream; a client that left aborts the engine's request this way."""
+        await resp.aclose()
 
     async def _prefill(self, client: httpx.AsyncClient, route: Route, engine_body: dict) -> dict:
         body = copy.deepcopy(engine_body)
@@ -231,7 +239,7 @@ class RoutedEngine:
         """Engine SSE -> annotated items. A worker that dies mid-stream becomes an error item."""
         prefill_usage = ((route.prefill_response or {}).get("usage") or {})
         try:
-            async for line in resp.aiter_lines():
+            async for line in self.engine_lines(resp):
                 if not line.startswith("data: "):
                     continue
                 payload = line[len("data: "):]
@@ -252,7 +260,7 @@ class RoutedEngine:
                                     f"mid-stream: {type(exc).__name__}: {exc or 'connection lost'}")
         finally:
             self.load[route.decode.key] = max(0, self.load.get(route.decode.key, 1) - 1)
-            await resp.aclose()  # on client disconnect this aborts the decode request
+            await self.release(resp)  # on client disconnect this aborts the decode request
 
     async def _single(self, response: dict) -> AsyncIterator[Annotated]:
         choice = dict((response.get("choices") or [{}])[0])

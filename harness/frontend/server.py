@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from harness.discovery import Store, Watcher
 from harness.frontend.models import ModelManager, ServedModel
-from harness.frontend.router import RoutingError
+from harness.frontend.router import RoutedEngine, RoutingError
 from harness.frontend.stream import DONE, Annotated, sse
 from harness.http_server import BackgroundServer
 
@@ -198,9 +198,9 @@ class Frontend:
     """Discovery watcher + model manager + HTTP server, in background threads."""
 
     def __init__(self, store: Store, cache_root: str | Path, *, port: int = 0, selection: str = "round_robin",
-                 protocol: str = "vllm", timeout_s: float = 120.0, faults: frozenset[str] = frozenset()):
+                 protocol: str = "vllm", timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine):
         self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
-                                    faults=faults)
+                                    router=router)
         self.watcher = Watcher(store, self.manager.on_event)
         self.server = BackgroundServer(create_app(self.manager), port=port, name="frontend", lifespan="on")
 

@@ -1,0 +1,48 @@
+"""What a check needs to see, and which option supplies it.
+
+A check names its evidence; a deployment that cannot give it makes the check skip with a reason
+that says exactly what is missing and how to supply it, never a pass or a failure on a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Evidence:
+    key: str
+    what: str  # what the check needs to see
+    supply: str  # the option (or deployment) that would supply it
+
+    def lacking(self, detail: str = "") -> str:
+        return f"needs {self.what}{': ' + detail if detail else ''}; {self.supply}"
+
+
+CACHE = Evidence("cache", "a metadata cache and the cards its frontend resolved",
+                 "give --cache-root DIR with --discovery file://STORE or --card FILE")
+SOURCE_DIR = Evidence("source_dir", "the card's source model dir, readable from here",
+                      "run the suite on a host that mounts the worker's model path")
+FRONTEND = Evidence("frontend", "a frontend to send requests to", "give --frontend-url URL and --model NAME")
+TOKEN_IDS = Evidence("token_ids", "token ids in the frontend's responses",
+                     "the frontend must accept return_token_ids (vLLM) or nvext.extra_fields completion_token_ids "
+                     "(Dynamo); this one accepted neither")
+ROUTING_HEADERS = Evidence("routing_headers", "the frontend's routing decision per response (an x-disagg-mode header, "
+                           "or Dynamo's nvext.worker_id)", "the frontend must report which workers served a request")
+ENGINE_REQUEST_IDS = Evidence("engine_request_ids", "the request ids prefill and decode engines ran under "
+                              "(x-disagg-{prefill,decode}-engine-request-id headers)",
+                              "the frontend must report them in x-disagg-* headers")
+AGGREGATED_REFERENCE = Evidence("aggregated_reference", "an aggregated engine serving the same model, as the "
+                                "reference for output equality", "give --engine-url aggregated=URL")
+ENGINE_CONTROL = Evidence("engine_control", "the power to stop, kill and restart engines",
+                          "only the embedded deployment grants it (run without --frontend-url)")
+PLANTED_ROUTER = Evidence("planted_router", "a harness router with a planted bug in front of the deployment's "
+                          "engines", "only the embedded deployment grants it (run without --frontend-url)")
+HARNESS_CODE = Evidence("harness_code", "the harness's own code (card builder, URI rungs, resolver fault "
+                        "injection); it tests the reference implementation, not the deployment under test",
+                        "run without --card/--discovery/--frontend-url to test the harness itself")
+
+
+def engine_metrics(role: str) -> Evidence:
+    return Evidence(f"metrics:{role}", f"the {role} engine's /metrics", f"give --engine-url {role}=URL "
+                    f"(for Dynamo workers: their DYN_SYSTEM_PORT status server)")
