@@ -3,6 +3,7 @@
     python -m harness card MODEL_DIR --name NAME [--worker-type T] [--block-size N] [--self-host-url BASE]
     python -m harness local-dir CARD_JSON [--cache-root DIR]
     python -m harness resolve CARD_JSON [--cache-root DIR] [--model-path DIR]
+    python -m harness up [--profile cpu] [--model-dir DIR] [--log-dir DIR]
 
 Errors print one line naming what was wrong and exit with status 1.
 """
@@ -40,6 +41,45 @@ def _resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    """Start the embedded deployment, print where everything is, stop it all on Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    from harness.deployment import start_embedded
+    from harness.engines.launcher import stderr_progress
+    from harness.engines.profiles import PROFILES
+
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+    else:  # the random-weight tiny Llama the suites use, generated locally once
+        from fixtures.tiny_llama import cached_tiny_llama
+        model_dir = cached_tiny_llama()
+    deployment = start_embedded(PROFILES[args.profile], model_dir, Path(args.log_dir), sys.executable,
+                                progress=stderr_progress, launcher=args.launcher)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        print(f"frontend:   {deployment.frontend_url}  (model {deployment.model!r})")
+        for role, engine in deployment.engines.items():
+            print(f"{role + ':':<11} {engine.url}  (/metrics; log {getattr(engine, 'log_path', '-')})")
+        print(f"discovery:  {deployment.discovery}")
+        print(f"cache root: {deployment.cache_root}")
+        engines = " ".join(f"--engine-url {r}={e.url}" for r, e in deployment.engines.items())
+        print(f"check it as a foreign deployment:\n  pytest suites --frontend-url {deployment.frontend_url} "
+              f"--model {deployment.model} {engines}")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the deployment", file=sys.stderr)
+        deployment.stop()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +105,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-root", default=None, help=cache_help)
     r.add_argument("--model-path", default=None, help="the frontend's own copy of the model (rung 3)")
     r.set_defaults(func=_resolve)
+
+    from harness.engines.profiles import PROFILES
+
+    u = sub.add_parser("up", help="start the embedded deployment (engines, worker side, frontend) until Ctrl-C")
+    u.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="engine launch profile (default cpu)")
+    u.add_argument("--model-dir", default=None, help="the model to serve (default: the suites' tiny random Llama)")
+    u.add_argument("--log-dir", default="reports/logs", help="engine logs (default reports/logs)")
+    u.add_argument("--launcher", choices=["auto", "subprocess", "docker"], default="auto")
+    u.set_defaults(func=_up)
     return p
 
 

@@ -118,12 +118,13 @@ class OpenAIEndpoint:
                            **self.dialect, **extra}, headers, timeout)
 
     def stream_request(self, prompt: Any, max_tokens: int, **extra: Any) -> dict:
-        """Keyword arguments for `httpx.stream(**...)`: a streamed greedy completion."""
+        """Keyword arguments for `httpx.stream(**...)`: a streamed greedy completion, in the probed dialect
+        (with token ids every token is an event, even where its text is empty, as with Dynamo's mocker)."""
         import httpx
 
         return {"method": "POST", "url": f"{self.url}/v1/completions", "timeout": httpx.Timeout(self.timeout_s, connect=5),
                 "json": {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                         "stream": True, **extra}}
+                         "stream": True, **self.probe().dialect, **extra}}
 
 
 def output(response: requests.Response, by: str) -> Output:

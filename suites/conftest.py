@@ -211,6 +211,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def card_under_test(deployment: Deployment, card_label: str | None):
-    if card_label is None or (why := deployment.lacks(ev.CACHE)):
-        pytest.skip(deployment.lacks(ev.CACHE) or ev.CACHE.lacking())
+    why = deployment.lacks(ev.CACHE)
+    if card_label is None or why:
+        pytest.skip(why or ev.CACHE.lacking("the deployment published no model record"))
     return deployment.card(card_label)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import requests
 
 from fixtures.fake_engine import FakeEngine
 from fixtures.planted_router import planted
@@ -24,24 +25,34 @@ EVENTS_BEFORE_LEAVING = 5
 
 
 def disconnect_mid_stream(endpoint: OpenAIEndpoint, decode_url: str) -> tuple[Metrics, Metrics, dict]:
-    """Stream a long greedy completion, read a few events, drop the connection; scrape around it."""
+    """Stream a long greedy completion, read a few events, drop the connection; scrape around it.
+
+    Evidence needed: the engine's abort counter, or else its generated tokens together with its
+    running-requests gauge (to see that the request ran there at all).
+    """
     # ignore_eos keeps a random-weight model from stopping early; sent only where it is accepted.
     extra = {"ignore_eos": True} if endpoint.accepts("ignore_eos", True) else {}
     before = Metrics.scrape(decode_url)
-    need_metrics(before, "requests_running")
-    if before.missing("aborted_requests") and before.missing("generation_tokens"):
-        pytest.skip(f"needs engine evidence of an abort: {before.missing('aborted_requests', 'generation_tokens')}")
+    counts_aborts = before.get("aborted_requests") is not None
+    if not counts_aborts and before.missing("generation_tokens", "requests_running"):
+        pytest.skip(f"needs engine evidence of an abort: {before.missing('aborted_requests')}, or else "
+                    f"{before.missing('generation_tokens', 'requests_running')}")
     with httpx.stream(**endpoint.stream_request(fresh_prompt(40), MAX_TOKENS, **extra)) as resp:
         assert resp.status_code == 200, resp.read()[:300]
         lines = read_data_events(resp.iter_lines(), EVENTS_BEFORE_LEAVING)
         if finish_reasons(lines) or "data: [DONE]" in lines:
-            pytest.skip(f"the request finished before the client left ({finish_reasons(lines)}): needs "
-                        f"ignore_eos, which {endpoint.url} did not accept")
-        running = Metrics.scrape(decode_url).get("requests_running")
-        assert running >= 1, "the decode request is not running on the decode engine given by --engine-url"
-    running = wait_for_quantity(decode_url, "requests_running", lambda v: v == 0, timeout_s=60)
+            why = ("a stream that outlasts a few events" if extra else
+                   f"ignore_eos, which {endpoint.url} did not accept, to keep a random model from stopping early")
+            pytest.skip(f"needs {why}: the request finished ({finish_reasons(lines)}) before the client left")
+        # Dynamo 1.6.1's mocker stops counting in-flight requests after its first cancellation
+        # (measured), so the gauge is a precondition only where it is the only evidence.
+        running = wait_for_quantity(decode_url, "requests_running", lambda v: v >= 1, timeout_s=3)
+        if not counts_aborts and running < 1:
+            pytest.skip(f"needs the decode engine's metrics to show the request running: {decode_url} reported "
+                        f"none in flight while the stream was open (is --engine-url decode= the engine that decodes?)")
+    running_after = wait_for_quantity(decode_url, "requests_running", lambda v: v == 0, timeout_s=60)
     after = Metrics.scrape(decode_url)
-    return before, after, {"running_after": running}
+    return before, after, {"running_during": running, "running_after": running_after}
 
 
 @pytest.mark.spec("R6")
@@ -50,7 +61,7 @@ def test_a_client_disconnect_aborts_the_decode_request(disagg, record_property):
     before, after, seen = disconnect_mid_stream(disagg.endpoint(), disagg.url("decode"))
     numbers = {**seen, **assert_aborted(before, after, MAX_TOKENS, EVENTS_BEFORE_LEAVING)}
     record_property("after_disconnect", numbers)
-    assert seen["running_after"] == 0, "the decode engine still runs the request of a client that left"
+    assert seen["running_after"] in (0, None), "the decode engine still runs the request of a client that left"
 
 
 @pytest.mark.spec("R6")
@@ -84,7 +95,8 @@ def test_a_prefill_error_is_reported_and_not_retried_on_decode(disagg):
             cluster.register(disagg.engines["decode"])
             cluster.wait_for_roles({"prefill", "decode"})
             before = Metrics.scrape(disagg.url("decode"))
-            resp = OpenAIEndpoint(cluster.url, disagg.model).complete(fresh_prompt(40))
+            resp = requests.post(f"{cluster.url}/v1/completions", timeout=120, json={
+                "model": disagg.model, "prompt": fresh_prompt(40), "max_tokens": 8})
             after = Metrics.scrape(disagg.url("decode"))
         finally:
             cluster.stop()

