@@ -110,7 +110,6 @@ def leave_mid_stream(cluster, decode, max_tokens: int = 200) -> tuple[Metrics, M
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}) as resp:
         assert resp.status_code == 200
         read_data_events(resp.iter_lines(), 3)
-        assert decode.state.running == 1
     deadline = time.monotonic() + 15
     while decode.state.running and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -122,7 +121,7 @@ def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
     serve(cluster, decode)
     before, after = leave_mid_stream(cluster, decode)
     assert decode.state.running == 0, "the decode request kept running after the client left"
-    assert decode.state.counters["aborted"] == 1
+    assert decode.state.counters["aborted"] == 1 and decode.state.counters["generated"] < 200
     assert assert_aborted(before, after, 200, 3)["evidence"].startswith("generated tokens")
 
 
