@@ -59,7 +59,9 @@ def _up(args: argparse.Namespace) -> int:
     deployment = start_embedded(PROFILES[args.profile], model_dir, Path(args.log_dir), sys.executable,
                                 progress=stderr_progress, launcher=args.launcher)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Both set explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         print(f"frontend:   {deployment.frontend_url}  (model {deployment.model!r})")
         for role, engine in deployment.engines.items():
@@ -72,8 +74,6 @@ def _up(args: argparse.Namespace) -> int:
         print("Ctrl-C stops everything.", flush=True)
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
         print("stopping the deployment", file=sys.stderr)
         deployment.stop()
