@@ -75,6 +75,7 @@ class Deployment:
     launcher: str = "auto"
     extra_env: dict[str, str] = field(default_factory=dict)
     _endpoints: dict[str, OpenAIEndpoint] = field(default_factory=dict, repr=False)
+    _versions: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -140,7 +141,10 @@ class Deployment:
         raise ValueError(f"unknown evidence {need.key}")
 
     def describe(self) -> dict[str, Any]:
-        engines = [{"name": e.name, "role": role, "url": e.url, "version": engine_version(e.url),
+        for e in self.engines.values():  # asked once per engine: describe() runs for every check
+            if e.url not in self._versions:
+                self._versions[e.url] = engine_version(e.url)
+        engines = [{"name": e.name, "role": role, "url": e.url, "version": self._versions[e.url],
                     "engine": self.profile.engine if self.profile else None,
                     "healthy_after_s": getattr(e, "healthy_after_s", None),
                     "log": str(getattr(e, "log_path", "")) or None, "behind_frontend": role != "aggregated"}
