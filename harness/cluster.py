@@ -24,14 +24,14 @@ log = logging.getLogger(__name__)
 class Cluster:
     def __init__(self, workdir: str | Path, model_dir: str | Path, served_name: str, *, block_size: int,
                  selection: str = "round_robin", protocol: str = "vllm", timeout_s: float = 120.0,
-                 router: type[RoutedEngine] = RoutedEngine, lease_s: float = 10.0):
+                 router: type[RoutedEngine] = RoutedEngine, lease_s: float = 10.0, allow_remote_media: bool = False):
         self.workdir = Path(workdir)
         self.model_dir, self.served_name, self.block_size, self.lease_s = Path(model_dir), served_name, block_size, lease_s
         self.store = FileStore(self.workdir / "discovery")
         self.cache_root = self.workdir / "mdc"
         self.metadata = MetadataServer()
         self.frontend = Frontend(self.store, self.cache_root, selection=selection, protocol=protocol,
-                                 timeout_s=timeout_s, router=router)
+                                 timeout_s=timeout_s, router=router, allow_remote_media=allow_remote_media)
         self.registrations: dict[str, WorkerRegistration] = {}
 
     def start(self) -> "Cluster":
@@ -55,10 +55,11 @@ class Cluster:
     def url(self) -> str:
         return self.frontend.url
 
-    def register(self, engine: Any) -> WorkerRegistration:
-        """Act as `engine`'s worker side: publish its card and keep its lease while it is healthy."""
+    def register(self, engine: Any, role: str | None = None) -> WorkerRegistration:
+        """Act as `engine`'s worker side: publish its card and keep its lease while it is healthy.
+        `role` overrides the engine's own, for an engine that can play several (NIXL kv_both)."""
         registration = WorkerRegistration(self.store, self.metadata, engine_url=engine.url, model_dir=self.model_dir,
-                                          name=self.served_name, role=engine.role, block_size=self.block_size,
+                                          name=self.served_name, role=role or engine.role, block_size=self.block_size,
                                           lease_s=self.lease_s)
         registration.start()
         self.registrations[engine.name] = registration

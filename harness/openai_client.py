@@ -117,6 +117,14 @@ class OpenAIEndpoint:
         return self._post({"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                            **self.dialect, **extra}, headers, timeout)
 
+    def chat(self, messages: list[dict], *, max_tokens: int = 16, headers: dict | None = None,
+             timeout: float | None = None, **extra: Any) -> requests.Response:
+        """A greedy chat completion (images travel as content parts), in the probed dialect."""
+        self.probe()
+        return requests.post(f"{self.url}/v1/chat/completions", headers=headers or {}, timeout=timeout or self.timeout_s,
+                             json={"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                   "temperature": 0.0, **self.dialect, **extra})
+
     def stream_request(self, prompt: Any, max_tokens: int, **extra: Any) -> dict:
         """Keyword arguments for `httpx.stream(**...)`: a streamed greedy completion, in the probed dialect
         (with token ids every token is an event, even where its text is empty, as with Dynamo's mocker)."""
@@ -137,7 +145,8 @@ def output(response: requests.Response, by: str) -> Output:
         if ids is None:
             raise EndpointError(f"no token ids in {json.dumps(data)[:300]}")
         return Output(by, ids)
-    return Output(by, data["choices"][0].get("text"))
+    choice = data["choices"][0]
+    return Output(by, choice["message"].get("content") if "message" in choice else choice.get("text"))
 
 
 def token_ids_of(data: dict) -> list[int] | None:

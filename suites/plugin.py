@@ -41,6 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="check this running frontend instead of starting the harness's own")
     group.addoption("--model", metavar="NAME", default=None,
                     help="with --frontend-url: the served model to test (default: the only one it lists)")
+    group.addoption("--mm-model", metavar="NAME", default=None,
+                    help="the multimodal model the frontend serves, for the multimodal cached_tokens checks "
+                         "(without it they skip against a foreign frontend)")
     group.addoption("--engine-url", metavar="ROLE=URL", action="append", default=[],
                     help="an engine behind --frontend-url, for its /metrics (repeatable): prefill=..., "
                          "decode=... (for Dynamo workers, their DYN_SYSTEM_PORT server), and aggregated=... "

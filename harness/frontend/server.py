@@ -19,7 +19,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from harness.discovery import Store, Watcher
+from harness.frontend.media import load_images
 from harness.frontend.models import ModelManager, ServedModel
+from harness.frontend.preprocessor import Prompt
 from harness.frontend.router import RoutedEngine, RoutingError
 from harness.frontend.stream import DONE, Annotated, sse
 from harness.http_server import BackgroundServer
@@ -54,7 +56,7 @@ class Folded:
             self.usage = item.data["usage"]
 
 
-def create_app(manager: ModelManager) -> FastAPI:
+def create_app(manager: ModelManager, allow_remote_media: bool = False) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
@@ -83,19 +85,20 @@ def create_app(manager: ModelManager) -> FastAPI:
         if body.get("n", 1) != 1:
             return error(400, "n > 1 is not supported by this frontend")
         try:
-            token_ids = await run_in_threadpool(tokenize, model, body, chat)
-        except ValueError as exc:
+            prompt = await run_in_threadpool(prepare, model, body, chat, allow_remote_media)
+        except ValueError as exc:  # MediaError too: a bad image part is the client's error
             return error(400, str(exc))
         engine_body = {k: v for k, v in body.items() if k not in (CHAT_OWN_KEYS if chat else COMPLETION_OWN_KEYS)}
         if chat and "max_completion_tokens" in body:
             engine_body["max_tokens"] = body["max_completion_tokens"]
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
-            route, items = await model.engine.start(request.app.state.client, engine_body, token_ids, request_id)
+            route, items = await model.engine.start(request.app.state.client, engine_body, prompt, request_id)
         except RoutingError as exc:
             return error(exc.status, str(exc), "engine_error")
         shape = ChatShape if chat else CompletionShape
-        fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")))
+        fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")),
+                    bool(body.get("return_token_ids")))
         if body.get("stream"):
             return StreamingResponse(fmt.sse(items), media_type="text/event-stream", headers=route.headers())
         folded = Folded()
@@ -117,32 +120,37 @@ def create_app(manager: ModelManager) -> FastAPI:
     return app
 
 
-def tokenize(model: ServedModel, body: dict, chat: bool) -> list[int]:
+def prepare(model: ServedModel, body: dict, chat: bool, allow_remote_media: bool = False) -> Prompt:
+    """The prompt as the router hashes it and the engine runs it; images decoded and hashed."""
     pre = model.preprocessor
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list")
-        return pre.encode(pre.render_chat(messages))
+        return pre.prepare_chat(messages, load_images(messages, allow_remote_media))
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return pre.tokenizer(prompt)["input_ids"]  # special tokens as the engine would add them
+        return Prompt(pre.tokenizer(prompt)["input_ids"])  # special tokens as the engine would add them
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return prompt
+        return Prompt(prompt)
     raise ValueError("'prompt' must be a string or a list of token ids")
 
 
 class CompletionShape:
     object, chunk_object, prefix = "text_completion", "text_completion", "cmpl"
 
-    def __init__(self, model: str, request_id: str, include_usage: bool):
+    def __init__(self, model: str, request_id: str, include_usage: bool, token_ids: bool = False):
         self.model, self.id, self.include_usage = model, f"{self.prefix}-{request_id}", include_usage
+        self.token_ids = token_ids  # the client asked for them (vLLM's return_token_ids)
         self.created = int(time.time())
 
     def chunk(self, data: dict) -> dict | None:
         if not data.get("choices") and not (self.include_usage and data.get("usage")):
             return None
-        out = {k: v for k, v in data.items() if k not in ("kv_transfer_params", "ec_transfer_params")}
+        out = {k: v for k, v in data.items() if k not in ("kv_transfer_params", "ec_transfer_params")
+               and (self.token_ids or k != "prompt_token_ids")}
+        if not self.token_ids:
+            out["choices"] = [{k: v for k, v in c.items() if k != "token_ids"} for c in out.get("choices") or []]
         return {**out, "id": self.id, "model": self.model, "object": self.chunk_object,
                 **({} if self.include_usage else {"usage": None})}
 
@@ -157,7 +165,7 @@ class CompletionShape:
 
     def response(self, f: Folded) -> dict:
         choice = {"index": 0, "text": f.text, "finish_reason": f.finish_reason, "logprobs": None}
-        if f.token_ids:
+        if f.token_ids and self.token_ids:
             choice["token_ids"] = f.token_ids
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": f.usage}
@@ -171,7 +179,7 @@ class ChatShape(CompletionShape):
         for c in data.get("choices") or []:
             delta = {"content": c.get("text") or ""}
             choice = {"index": c.get("index", 0), "delta": delta, "finish_reason": c.get("finish_reason")}
-            if c.get("token_ids"):
+            if c.get("token_ids") and self.token_ids:
                 choice["token_ids"] = c["token_ids"]
             choices.append(choice)
         if not choices and not (self.include_usage and data.get("usage")):
@@ -188,7 +196,7 @@ class ChatShape(CompletionShape):
 
     def response(self, f: Folded) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": f.text}, "finish_reason": f.finish_reason}
-        if f.token_ids:
+        if f.token_ids and self.token_ids:
             choice["token_ids"] = f.token_ids
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": f.usage}
@@ -198,11 +206,13 @@ class Frontend:
     """Discovery watcher + model manager + HTTP server, in background threads."""
 
     def __init__(self, store: Store, cache_root: str | Path, *, port: int = 0, selection: str = "round_robin",
-                 protocol: str = "vllm", timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine):
+                 protocol: str = "vllm", timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine,
+                 allow_remote_media: bool = False):
         self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
                                     router=router)
         self.watcher = Watcher(store, self.manager.on_event)
-        self.server = BackgroundServer(create_app(self.manager), port=port, name="frontend", lifespan="on")
+        self.server = BackgroundServer(create_app(self.manager, allow_remote_media), port=port, name="frontend",
+                                       lifespan="on")
 
     @property
     def url(self) -> str:
