@@ -167,35 +167,32 @@ def test_an_image_request_through_disagg_moves_its_kv_and_matches_aggregated(mm,
 # ---- planted regressions: each must make a check above fail
 
 
+def caught(mm: MultimodalTarget, topology: str, fault: str, check, match: str) -> str:
+    """Run `check` against a frontend with `fault` planted, on the same engines; it must fail."""
+    if mm.topology != topology:
+        pytest.skip(f"shown on the {topology} topology")
+    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted(fault), "_processor": None})
+    with pytest.raises(AssertionError, match=match) as failure:
+        check(broken)
+    return str(failure.value).splitlines()[0]
+
+
 @pytest.mark.spec("R1")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_local_dir_without_preprocessor_config_json_is_caught(mm, record_property):
-    if mm.topology != "kv-aggregated":
-        pytest.skip("shown once, on the KV-routed topology")
-    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted("drop_preprocessor_config"),
-                                 "_processor": None})
-    with pytest.raises(AssertionError, match="preprocessor_config.json") as caught:
-        check_every_repeat_hits(broken)
-    record_property("caught", str(caught.value).splitlines()[0])
+    record_property("caught", caught(mm, "kv-aggregated", "drop_preprocessor_config", check_every_repeat_hits,
+                                     "preprocessor_config.json"))
 
 
 @pytest.mark.spec("R1", "4.3")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_whose_block_hashes_ignore_the_image_is_caught(mm, record_property):
-    if mm.topology != "kv-aggregated":
-        pytest.skip("the router's prediction is made under KV selection")
-    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted("hash_text_only"), "_processor": None})
-    with pytest.raises(AssertionError, match="predicted cached blocks disagree") as caught:
-        check_prediction_holds(broken)
-    record_property("caught", str(caught.value).splitlines()[0])
+    record_property("caught", caught(mm, "kv-aggregated", "hash_text_only", check_prediction_holds,
+                                     "predicted cached blocks disagree"))
 
 
 @pytest.mark.spec("5", "4.1")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_frontend_that_reports_the_decodes_usage_is_caught(mm, record_property):
-    if mm.topology != "disaggregated":
-        pytest.skip("only a disaggregated frontend has a decode usage to pass on")
-    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted("report_decode_usage"), "_processor": None})
-    with pytest.raises(AssertionError, match="not the serving engine's") as caught:
-        check_cached_tokens_are_the_engines(broken)
-    record_property("caught", str(caught.value).splitlines()[0])
+    record_property("caught", caught(mm, "disaggregated", "report_decode_usage", check_cached_tokens_are_the_engines,
+                                     "not the serving engine's"))
