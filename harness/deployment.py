@@ -228,8 +228,10 @@ class Deployment:
             self.engines.pop(role).stop()
         if self.cluster:
             self.cluster.stop()
+            self.cluster = None  # stopped once: a second stop() (the multimodal checks' and the fixture's) is a no-op
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
 
 def gpu_count() -> int:

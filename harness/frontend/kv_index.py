@@ -65,6 +65,11 @@ class KvIndex:
         with self._lock:
             self._seen.pop(worker, None)
 
+    def held(self, worker: str) -> int:
+        with self._lock:
+            return len(self._seen.get(worker, ()))
+
     def best(self, workers: Sequence[str], hashes: Sequence[str], load: dict[str, int]) -> str:
-        """Most leading blocks first; the least loaded breaks a tie; then the order given."""
-        return max(workers, key=lambda w: (self.overlap(w, hashes), -load.get(w, 0), -workers.index(w)))
+        """Most leading blocks first; then the least loaded; then the one holding fewest blocks (so
+        new prefixes spread over the workers, as a KV router weighs cache usage); then the order given."""
+        return max(workers, key=lambda w: (self.overlap(w, hashes), -load.get(w, 0), -self.held(w), -workers.index(w)))
