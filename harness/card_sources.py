@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import json
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,12 +117,40 @@ class FileRecords(RecordSource):
         return out
 
 
+class HarnessFileRecords(RecordSource):
+    """The reference harness's own file store (`<dir>/<key>.json` entries, SPEC §3), read only:
+    an expired entry is skipped here, never deleted (that is the frontend's business)."""
+
+    def __init__(self, directory: str | Path, clock=time.time):
+        self.dir, self.clock = Path(directory), clock
+        self.url = self.dir.as_uri()
+
+    def records(self, namespace: str | None = None) -> list[CardRecord]:
+        out = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                obj = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CardError(f"discovery entry {path} is not JSON: {exc}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("card"), dict):
+                raise CardError(f"discovery entry {path} has no 'card' object: not a harness store entry")
+            if obj.get("lease_expires_at", float("inf")) < self.clock():
+                continue
+            if namespace is None or str(obj.get("endpoint", "")).split("/", 1)[0] == namespace:
+                out.append(card_from_json(obj["card"], f"{self.url} key {path.stem}"))
+        return out
+
+
 def open_records(url: str) -> RecordSource:
+    """Dynamo's file backend (a `v1/mdc/` tree) or the harness's own store (`*.json` entries)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
-        return FileRecords(urllib.parse.unquote(parsed.path))
+        directory = Path(urllib.parse.unquote(parsed.path))
+        if not directory.joinpath(*MDC_PREFIX).is_dir() and any(directory.glob("*.json")):
+            return HarnessFileRecords(directory)
+        return FileRecords(directory)
     raise CardError(f"--discovery {url}: unsupported store; use file://DIR (Dynamo's file backend, the "
-                    f"DYN_FILE_KV directory)")
+                    f"DYN_FILE_KV directory, or the harness's own store)")
 
 
 def serving_mode(card: ModelCard) -> str:

@@ -198,7 +198,8 @@ class EmbeddedMultimodal:
         cluster = self.clusters[topology]
         urls = [e.url for e in self.engines]
         local_dir = next(iter(cluster.frontend.manager.models.values())).preprocessor.local_dir
-        deployment = Deployment("embedded", frontend_url=cluster.url, model=SERVED_VLM, profile=self.profile,
+        deployment = Deployment("embedded", cache_root=cluster.cache_root, frontend_url=cluster.url, model=SERVED_VLM,
+                                profile=self.profile,
                                 engines={e.name: e for e in self.engines}, discovery=cluster.store.dir.as_uri())
         return MultimodalTarget(
             f"{self.profile.name}/{topology}", cluster.url, SERVED_VLM, topology,

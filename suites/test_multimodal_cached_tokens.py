@@ -122,6 +122,9 @@ def check_cached_tokens_are_the_engines(mm: MultimodalTarget) -> dict:
     numbers = {"client_cached_tokens": cached_tokens(resp), "engine_prefix_hits": mm.prefix_hits() - before,
                **row(mm, resp, image)}
     assert numbers["client_cached_tokens"] != "missing", f"no prompt_tokens_details in the response: {numbers}"
+    if mm.topology == "unknown" and numbers["engine_prefix_hits"] == 0:  # the serving worker may not be among them
+        pytest.skip(PREFIX_ENGINE_METRICS.lacking(f"none of the engines given ({mm.prefix_engines}) counted a hit "
+                                                  f"for this request: give every worker behind the frontend"))
     assert numbers["engine_prefix_hits"] > 0, f"the serving engines found nothing in their caches: {numbers}"
     assert numbers["client_cached_tokens"] == numbers["engine_prefix_hits"], (
         f"the client was told {numbers['client_cached_tokens']} cached tokens, the serving engine counted "
@@ -147,8 +150,6 @@ def test_the_routers_predicted_cached_blocks_agree_with_the_engines_cached_token
 @pytest.mark.spec("5", "4.1")
 @pytest.mark.needs(PREFIX_ENGINE_METRICS)
 def test_cached_tokens_are_the_serving_engines_own_prefix_hits(mm, record_property):
-    if mm.topology == "unknown":
-        pytest.skip(PREFILL_ACCESS.lacking("without a prefill engine the topology is unknown"))
     record_property("numbers", check_cached_tokens_are_the_engines(mm))
 
 

@@ -113,6 +113,23 @@ def test_the_file_store_yields_every_model_record_of_the_namespace(tmp_path, car
     assert len(store.records()) == 3
 
 
+def test_the_harness_store_is_read_without_touching_it(tmp_path, card):
+    from harness.discovery import FileStore, ModelEntry
+
+    store = FileStore(tmp_path / "store")
+    for n, lease in ((1, 60.0), (2, -1.0)):  # the second has expired
+        store.put(ModelEntry(name="acme/Tiny-Llama", endpoint="dynamo/backend/generate", model_type="Chat|Completions",
+                             card=card.to_json(), instance_id=f"{n:x}", url="http://127.0.0.1:1", role="decode"), lease)
+    files = sorted(p.name for p in (tmp_path / "store").iterdir())
+    source = open_records((tmp_path / "store").as_uri())
+    assert [r.card.display_name for r in source.records()] == ["acme/Tiny-Llama"]
+    assert source.records("other") == []
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == files, "the expired entry was not ours to delete"
+    (tmp_path / "store" / "broken.json").write_text("{not json")
+    with pytest.raises(CardError, match="broken.json is not JSON"):
+        source.records()
+
+
 def test_a_directory_that_is_no_store_is_a_clear_error(tmp_path):
     with pytest.raises(CardError, match="has no v1/mdc/ directory: is it the DYN_FILE_KV directory"):
         FileRecords(tmp_path).records()
