@@ -11,8 +11,12 @@ Errors print one line naming what was wrong and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import sys
+import threading
+from pathlib import Path
 
 from harness.card import ModelCard, WorkerType, default_cache_root
 from harness.errors import HarnessError
@@ -43,10 +47,6 @@ def _resolve(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     """Start the embedded deployment, print where everything is, stop it all on Ctrl-C or SIGTERM."""
-    import signal
-    import threading
-    from pathlib import Path
-
     from harness.deployment import start_embedded
     from harness.engines.launcher import stderr_progress
     from harness.engines.profiles import PROFILES
@@ -77,6 +77,57 @@ def _up(args: argparse.Namespace) -> int:
     finally:
         print("stopping the deployment", file=sys.stderr)
         deployment.stop()
+    return 0
+
+
+def _roots(values: list[str]) -> dict[str, Path]:
+    roots = {}
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep or not label or not path:
+            raise HarnessError(f"--root {value!r} must be LABEL=DIR, e.g. vllm=$VLLM_CACHE_ROOT")
+        roots[label] = Path(path).expanduser()
+    return roots
+
+
+def _identity(path: str | None) -> dict | None:
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"--identity {path}: cannot read a JSON object from it: {exc}") from None
+
+
+def _artifact(args: argparse.Namespace) -> int:
+    from harness.artifacts.install import install
+    from harness.artifacts.manifest import IdentityMismatch
+    from harness.artifacts.pack import pack
+    from harness.artifacts.server import ArtifactServer
+    from harness.engines.launcher import stderr_progress
+
+    if args.action == "pack":
+        artifact = pack(_roots(args.root), Path(args.out), _identity(args.identity) or {},
+                        chunk_size=args.chunk_mib << 20)
+        print(artifact.id)
+        return 0
+    if args.action == "serve":
+        server = ArtifactServer(args.dir, port=args.port).start()
+        print(f"serving {args.dir} on {server.url}", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+        server.stop()
+        return 0
+    try:
+        done = install(args.source, args.id, _roots(args.root), _identity(args.identity), Path(args.state_dir),
+                       progress=stderr_progress)
+    except IdentityMismatch as exc:  # not an error: this host starts cold, as it would without the artifact
+        print(f"skipped: {exc}")
+        return 0
+    print(f"{done.status}: {done.files} files, {done.bytes} bytes")
     return 0
 
 
@@ -114,6 +165,24 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--log-dir", default="reports/logs", help="engine logs (default reports/logs)")
     u.add_argument("--launcher", choices=["auto", "subprocess", "docker"], default="auto")
     u.set_defaults(func=_up)
+
+    a = sub.add_parser("artifact", help="compile-cache artifacts: pack cache roots, serve them, install them")
+    act = a.add_subparsers(dest="action", required=True)
+    ap = act.add_parser("pack", help="tar LABEL=DIR roots with a chunked manifest; prints the artifact id")
+    ap.add_argument("--root", action="append", required=True, metavar="LABEL=DIR")
+    ap.add_argument("--out", required=True, help="directory for <id>.tar and <id>.json")
+    ap.add_argument("--identity", default=None, help="JSON file: what must match for reuse (model, engine, ...)")
+    ap.add_argument("--chunk-mib", type=int, default=64)
+    asv = act.add_parser("serve", help="serve a directory of artifacts over HTTP until Ctrl-C")
+    asv.add_argument("--dir", required=True)
+    asv.add_argument("--port", type=int, default=0)
+    ai = act.add_parser("install", help="install an artifact once per host into LABEL=DIR roots")
+    ai.add_argument("--source", required=True, help="the artifact server's URL")
+    ai.add_argument("--id", required=True)
+    ai.add_argument("--root", action="append", required=True, metavar="LABEL=DIR")
+    ai.add_argument("--identity", default=None, help="JSON file: this host's identity (default: accept any)")
+    ai.add_argument("--state-dir", required=True, help="where the per-host lock and markers live")
+    a.set_defaults(func=_artifact)
     return p
 
 

@@ -69,3 +69,31 @@ def test_a_bad_card_exits_1_with_one_line_naming_the_problem(tmp_path):
 def test_a_missing_model_dir_exits_1(tmp_path):
     out = harness("card", str(tmp_path / "nope"), "--name", "m")
     assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+def test_artifact_pack_then_install_through_the_cli(tmp_path, capsys):
+    from harness.artifacts.server import ArtifactServer
+    from harness.cli import main
+
+    (tmp_path / "src" / "torch_compile_cache").mkdir(parents=True)
+    (tmp_path / "src" / "torch_compile_cache" / "graph.py").write_text("g = 1\n")
+    (tmp_path / "identity.json").write_text(json.dumps({"engine": "vllm-cpu", "engine_version": "0.32.0"}))
+    assert main(["artifact", "pack", "--root", f"vllm={tmp_path / 'src'}", "--out", str(tmp_path / "art"),
+                 "--identity", str(tmp_path / "identity.json")]) == 0
+    aid = capsys.readouterr().out.strip()
+    (tmp_path / "other.json").write_text(json.dumps({"engine": "vllm-cpu", "engine_version": "0.33.0"}))
+    with ArtifactServer(tmp_path / "art") as server:
+        install = ["artifact", "install", "--source", server.url, "--id", aid, "--root", f"vllm={tmp_path / 'dst'}",
+                   "--state-dir", str(tmp_path / "state"), "--identity"]
+        assert main(install + [str(tmp_path / "other.json")]) == 0
+        assert "skipped: " in capsys.readouterr().out and not (tmp_path / "dst").exists()
+        assert main(install + [str(tmp_path / "identity.json")]) == 0
+    assert capsys.readouterr().out.startswith("installed: 1 files")
+    assert (tmp_path / "dst" / "torch_compile_cache" / "graph.py").read_text() == "g = 1\n"
+
+
+def test_a_bad_root_option_exits_1_naming_it(tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(["artifact", "pack", "--root", "no-equals-sign", "--out", str(tmp_path)]) == 1
+    assert "--root 'no-equals-sign' must be LABEL=DIR" in capsys.readouterr().err
