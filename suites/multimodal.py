@@ -152,6 +152,7 @@ class EmbeddedMultimodal:
         self.engines: list[EngineProcess] = []
         self.clusters: dict[str, Cluster] = {}
         self.planted_clusters: list[Cluster] = []
+        self.stopped = False
 
     def start(self, progress: Progress = stderr_progress) -> "EmbeddedMultimodal":
         (self.workdir / "tmp").mkdir()
@@ -227,6 +228,9 @@ class EmbeddedMultimodal:
         return cluster.url
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         for cluster in self.planted_clusters + list(self.clusters.values()):
             cluster.stop()
         for engine in self.engines:

@@ -65,13 +65,16 @@ class EngineProfile:
     def launch_spec(self, role: str, model_dir: Path, served_name: str, port: int, side_port: int,
                     scratch: Path, python: str = sys.executable, *, images_per_prompt: int = 0,
                     kv_both: bool = False, name: str | None = None, cores: tuple[int, ...] | None = None,
-                    gpus: tuple[int, ...] | None = None) -> LaunchSpec:
+                    gpus: tuple[int, ...] | None = None, compiled: bool = False) -> LaunchSpec:
         """`images_per_prompt` > 0 serves a VLM; `kv_both` makes one engine able to be a prefill, a
-        decode and an aggregated worker (NIXL), so a few engines can serve several topologies."""
+        decode and an aggregated worker (NIXL), so a few engines can serve several topologies;
+        `compiled` drops --enforce-eager, for the checks and benches about compilation."""
         if self.engine == "sglang":
             spec = self._sglang(role, model_dir, served_name, port, side_port, python)
         else:
             spec = self._vllm(role, model_dir, served_name, port, side_port, scratch, python, kv_both, cores, gpus)
+        if compiled:
+            spec = dataclasses.replace(spec, command=[a for a in spec.command if a != "--enforce-eager"])
         if images_per_prompt:
             flag = (["--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})] if self.engine == "vllm"
                     else [])  # SGLang takes images without a per-prompt limit flag
