@@ -6,9 +6,9 @@ start that compiled nothing new leaves no new kernel (`*.so` on CPU, Triton cubi
 its cache roots; vLLM 0.32's "Compiling model again due to a load failure" line shows up on every
 non-cold start and proves nothing either way.
 
-Every start gets its own cache roots: `VLLM_CACHE_ROOT`, and a `TMPDIR` of its own, because
-inductor's precompiled header lives under `TMPDIR/torchinductor_<user>` and a shared one would
-make a "cold" start silently warm.
+Every start gets its own cache roots: `VLLM_CACHE_ROOT`, a `TMPDIR` of its own (inductor's
+precompiled header lives under `TMPDIR/torchinductor_<user>`, and a shared one would make a "cold"
+start silently warm), Triton's cache dir, and a HOME of its own for whatever else caches there.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ class CacheRoots:
     def env(self) -> dict[str, str]:
         for d in (self.vllm, self.tmpdir, self.inductor, self.triton):
             d.mkdir(parents=True, exist_ok=True)
-        return {"VLLM_CACHE_ROOT": str(self.vllm), "TMPDIR": str(self.tmpdir), "TRITON_CACHE_DIR": str(self.triton)}
+        home = self.base / "home"  # caches keyed under HOME (~/.cache/...) must not make a cold start warm
+        home.mkdir(exist_ok=True)
+        return {"VLLM_CACHE_ROOT": str(self.vllm), "TMPDIR": str(self.tmpdir), "TRITON_CACHE_DIR": str(self.triton),
+                "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
 
     def reuse_set(self) -> dict[str, Path]:
         """What must be carried for a start to reuse this one's work (SPEC §6), by artifact label:
