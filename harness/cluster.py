@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.discovery import FileStore
+from harness.discovery import FileStore, open_store
 from harness.frontend.router import RoutedEngine
 from harness.frontend.server import Frontend
 from harness.worker.metadata_server import MetadataServer
@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 class Cluster:
     def __init__(self, workdir: str | Path, model_dir: str | Path, served_name: str, *, block_size: int,
                  selection: str = "round_robin", protocol: str = "vllm", timeout_s: float = 120.0,
-                 router: type[RoutedEngine] = RoutedEngine, lease_s: float = 10.0, allow_remote_media: bool = False):
+                 router: type[RoutedEngine] = RoutedEngine, lease_s: float = 10.0, allow_remote_media: bool = False,
+                 store: str | None = None):
         self.workdir = Path(workdir)
         self.model_dir, self.served_name, self.block_size, self.lease_s = Path(model_dir), served_name, block_size, lease_s
-        self.store = FileStore(self.workdir / "discovery")
+        # The file store in the workdir by default; `store="etcd://HOST:PORT[/prefix]"` for etcd.
+        self.store = open_store(store) if store else FileStore(self.workdir / "discovery")
         self.cache_root = self.workdir / "mdc"
         self.metadata = MetadataServer()
         self.frontend = Frontend(self.store, self.cache_root, selection=selection, protocol=protocol,

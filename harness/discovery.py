@@ -2,8 +2,8 @@
 
 The embedded store is a directory of JSON files, one per entry, written by atomic rename. Each
 entry carries a lease deadline; a live worker renews it, and a dead one stops renewing, so its
-entry expires. `Store` is the interface; an etcd store (keys with etcd leases, watch on a prefix)
-plugs in behind it without the frontend noticing.
+entry expires. `Store` is the interface; `EtcdStore` (keys under etcd leases, followed by etcd
+watches on the prefix) plugs in behind it without the frontend noticing.
 """
 
 from __future__ import annotations
@@ -130,6 +130,110 @@ class FileStore(Store):
         return live
 
 
+class EtcdStore(Store):
+    """Entries in etcd, each under its own etcd lease (SPEC §3), through etcd's JSON gateway.
+
+    `etcd://HOST:PORT[/prefix]`. A worker's entry is put under a lease of its own and kept alive by
+    renewing it; a clean stop revokes it; a dead worker's lease expires in etcd, which deletes the
+    key. `changes()` streams etcd's watch on the prefix, so a watcher re-lists on each change
+    instead of polling.
+    """
+
+    def __init__(self, url: str):
+        import urllib.parse
+
+        import etcd3gw
+
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme != "etcd" or not parsed.hostname or not parsed.port:
+            raise ValueError(f"etcd store {url!r} must be etcd://HOST:PORT[/prefix]")
+        self.url = url
+        self.prefix = (parsed.path.strip("/") or "disagg") + "/v1/entries/"
+        self.client = etcd3gw.client(host=parsed.hostname, port=parsed.port, timeout=5)
+        self._leases: dict[str, Any] = {}
+
+    def put(self, entry: ModelEntry, lease_s: float = DEFAULT_LEASE_S) -> None:
+        lease = self.client.lease(ttl=max(2, int(round(lease_s))))
+        self.client.put(self.prefix + entry.key, json.dumps(entry.to_json()), lease=lease)
+        self._leases[entry.key] = lease
+
+    def renew(self, key: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+        lease = self._leases.get(key)
+        return lease is not None and lease.refresh() > 0 and bool(self.client.get(self.prefix + key))
+
+    def delete(self, key: str) -> None:
+        import etcd3gw.exceptions
+
+        lease = self._leases.pop(key, None)
+        self.client.delete(self.prefix + key)
+        if lease is not None:
+            try:
+                lease.revoke()
+            except etcd3gw.exceptions.Etcd3Exception:  # it expired already: etcd deleted the key itself
+                pass
+
+    def entries(self) -> dict[str, ModelEntry]:
+        live = {}
+        for value, meta in self.client.get_prefix(self.prefix):
+            key = meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"]
+            try:
+                live[key[len(self.prefix):]] = ModelEntry.from_json(json.loads(value))
+            except (ValueError, TypeError) as exc:
+                log.warning("skipping unreadable etcd entry %s: %s", key, exc)
+        return live
+
+    def changes(self, stop: threading.Event):
+        """Yield once per watch event on the prefix; return when the stream ends (etcd gone, the
+        watch cancelled or compacted), so the caller re-lists and watches again."""
+        import base64
+
+        import requests
+
+        def b64(raw: bytes) -> str:
+            return base64.b64encode(raw).decode()
+
+        start = self.prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        resp = requests.post(self.client.get_url("/watch"), stream=True, timeout=(5, None),
+                             json={"create_request": {"key": b64(start), "range_end": b64(end)}})
+        self._watch_response = resp
+        try:
+            for line in resp.iter_lines():
+                if stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result") or {}
+                if result.get("canceled") or result.get("compact_revision"):
+                    return
+                if result.get("events"):
+                    yield len(result["events"])
+        finally:
+            resp.close()
+
+    def close_watch(self) -> None:
+        """End a watch blocked in another thread: shut its socket down (closing the response from
+        here would wait for the reader's lock), so the reader sees the stream end."""
+        import socket
+
+        resp = getattr(self, "_watch_response", None)
+        if resp is None:
+            return
+        try:
+            sock = socket.fromfd(resp.raw._fp.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        except (OSError, AttributeError, ValueError):
+            pass  # already closed
+
+
+def open_store(url_or_dir: str | os.PathLike) -> Store:
+    """`etcd://HOST:PORT[/prefix]` or a directory (the file store)."""
+    if str(url_or_dir).startswith("etcd://"):
+        return EtcdStore(str(url_or_dir))
+    return FileStore(url_or_dir)
+
+
 @dataclass
 class Event:
     kind: str  # "put" | "delete"
@@ -160,8 +264,29 @@ class Watcher:
         return events
 
     def _run(self) -> None:
+        if hasattr(self.store, "changes"):
+            return self._run_watching()
         while not self._stop.wait(self.interval_s):
             self.poll_once()
+
+    def _run_watching(self) -> None:
+        """Re-list on every watch event; when the watch drops (etcd restarted, compaction), re-list
+        and watch again, backing off while etcd does not answer."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                for _ in self.store.changes(self._stop):
+                    self.poll_once()
+                    backoff = 0.2
+            except Exception as exc:  # etcd unreachable: keep the last view, try again
+                log.warning("discovery watch on %s dropped: %s", getattr(self.store, "url", self.store), exc)
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 2.0)
+            try:
+                self.poll_once()  # whatever changed while the watch was down
+            except Exception as exc:
+                log.warning("re-listing %s failed: %s", getattr(self.store, "url", self.store), exc)
 
     def start(self) -> "Watcher":
         self.poll_once()
@@ -170,6 +295,8 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        if hasattr(self.store, "close_watch"):
+            self.store.close_watch()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 

@@ -12,13 +12,14 @@ import signal
 import threading
 
 from harness.card import default_cache_root
-from harness.discovery import FileStore
+from harness.discovery import open_store
 from harness.frontend.server import Frontend
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m harness.frontend", description=__doc__.split("\n")[0])
-    p.add_argument("--store", required=True, help="the discovery store directory workers register in")
+    p.add_argument("--store", required=True,
+                   help="where workers register: a directory (the file store) or etcd://HOST:PORT[/prefix]")
     p.add_argument("--cache-root", default=None, help="metadata cache root (default: $HOME/.cache/dynamo/mdc)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--selection", choices=["round_robin", "kv"], default="round_robin")
@@ -29,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is too much
-    frontend = Frontend(FileStore(args.store), args.cache_root or default_cache_root(), port=args.port,
+    frontend = Frontend(open_store(args.store), args.cache_root or default_cache_root(), port=args.port,
                         selection=args.selection, protocol=args.protocol, timeout_s=args.timeout,
                         allow_remote_media=args.allow_remote_media).start()
     print(f"frontend listening on {frontend.url}", flush=True)

@@ -58,9 +58,12 @@ class WorkerRegistration:
                 failing = True
                 continue
             failing = False
-            if not self.store.renew(self.entry.key, self.lease_s):
-                log.warning("lease of %s had lapsed; registering again", self.entry.key)
-                self.store.put(self.entry, self.lease_s)
+            try:
+                if not self.store.renew(self.entry.key, self.lease_s):
+                    log.warning("lease of %s had lapsed; registering again", self.entry.key)
+                    self.store.put(self.entry, self.lease_s)
+            except Exception as exc:  # the store itself is down (etcd restarting): try at the next renewal
+                log.warning("renewing %s failed: %s", self.entry.key, exc)
 
     def stop(self) -> None:
         """A clean stop deletes the entry at once; the frontend need not wait for the lease."""

