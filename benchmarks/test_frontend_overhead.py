@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest

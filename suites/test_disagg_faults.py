@@ -15,7 +15,7 @@ from harness import evidence as ev
 from harness.cluster import Cluster
 from harness.engines.metrics import Metrics
 from harness.openai_client import OpenAIEndpoint
-from suites.disagg_checks import (assert_aborted, finish_reasons, fresh_prompt, need_metrics, read_data_events,
+from suites.disagg_checks import (assert_aborted, finish_reasons, fresh_prompt, read_data_events,
                                   sse_error_message, wait_for_quantity)
 
 pytestmark = [pytest.mark.spec("4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines")]

@@ -26,13 +26,13 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import httpx
 
 from harness.errors import HarnessError
 from harness.frontend.kv_index import KvIndex, block_hashes
-from harness.frontend.preprocessor import MediaSpan, Prompt
+from harness.frontend.preprocessor import Prompt
 from harness.frontend.stream import Annotated
 
 log = logging.getLogger(__name__)
