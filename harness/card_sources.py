@@ -141,8 +141,45 @@ class HarnessFileRecords(RecordSource):
         return out
 
 
+class EtcdRecords(RecordSource):
+    """A running cluster's etcd, read only: Dynamo's `v1/mdc/{ns}/{comp}/{ep}/{instance hex}` records,
+    and the harness's own entries (`<prefix>/v1/entries/`), as the frontend would see them."""
+
+    def __init__(self, url: str):
+        from harness.discovery import EtcdStore
+
+        self.url = url
+        self.store = EtcdStore(url)
+
+    def records(self, namespace: str | None = None) -> list[CardRecord]:
+        out = []
+        mdc = "/".join(MDC_PREFIX) + "/"
+        try:
+            found = self.store.client.get_prefix(mdc)
+            harness_entries = self.store.entries()
+        except Exception as exc:  # etcd3gw raises its own and requests' errors
+            raise CardError(f"--discovery {self.url}: cannot read etcd: {type(exc).__name__}: {exc}") from None
+        for value, meta in sorted(found, key=lambda kv: kv[1]["key"]):
+            key = meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"]
+            try:
+                obj = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise CardError(f"discovery record {key} in {self.url} is not JSON: {exc}") from None
+            if isinstance(obj, dict) and obj.get("type") not in (None, "Model"):
+                continue
+            record = card_from_json(obj, f"{self.url} key {key}")
+            if namespace is None or (record.namespace or key[len(mdc):].split("/", 1)[0]) == namespace:
+                out.append(record)
+        for key, entry in sorted(harness_entries.items()):
+            if namespace is None or entry.endpoint.split("/", 1)[0] == namespace:
+                out.append(card_from_json(entry.card, f"{self.url} key {self.store.prefix}{key}"))
+        return out
+
+
 def open_records(url: str) -> RecordSource:
-    """Dynamo's file backend (a `v1/mdc/` tree) or the harness's own store (`*.json` entries)."""
+    """Dynamo's file backend (a `v1/mdc/` tree), the harness's own store (`*.json` entries), or etcd."""
+    if url.startswith("etcd://"):
+        return EtcdRecords(url)
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
         directory = Path(urllib.parse.unquote(parsed.path))
@@ -150,7 +187,7 @@ def open_records(url: str) -> RecordSource:
             return HarnessFileRecords(directory)
         return FileRecords(directory)
     raise CardError(f"--discovery {url}: unsupported store; use file://DIR (Dynamo's file backend, the "
-                    f"DYN_FILE_KV directory, or the harness's own store)")
+                    f"DYN_FILE_KV directory, or the harness's own store) or etcd://HOST:PORT[/prefix]")
 
 
 def serving_mode(card: ModelCard) -> str:

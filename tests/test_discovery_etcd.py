@@ -105,3 +105,33 @@ def test_two_frontends_watching_one_etcd_agree_on_the_models(etcd, tmp_path, tin
         registration.stop()
         a.wait_for_roles(set(), timeout_s=10)
         b.wait_for_roles(set(), timeout_s=10)
+
+
+def test_the_suites_read_a_running_clusters_cards_from_etcd_in_dynamos_layout_and_ours(etcd, tmp_path):
+    import json
+
+    from fixtures.text_model import make_text_model
+    from harness.card_sources import open_records
+    from harness.errors import CardError
+    from harness.worker.card_builder import build_card
+
+    card = build_card(make_text_model(tmp_path / "model"), "acme/Tiny-Llama", worker_type="decode", block_size=64)
+    client = EtcdStore(etcd.url).client
+    lease = client.lease(ttl=30)  # as a Dynamo worker does: its record under its instance's lease
+    record = {"type": "Model", "namespace": "dynamo", "component": "backend", "endpoint": "generate",
+              "instance_id": 0x2C9B, "card_json": card.to_json()}
+    client.put("v1/mdc/dynamo/backend/generate/2c9b", json.dumps(record), lease=lease)
+    client.put("v1/instances/dynamo/backend/generate/2c9b", "{}", lease=lease)
+    ours = EtcdStore(etcd.url + "/harness")
+    ours.put(ModelEntry(name="acme/Tiny-Llama", endpoint="other/backend/generate", model_type="Chat|Completions",
+                        card=card.to_json(), instance_id="1", url="http://127.0.0.1:1", role="decode"), lease_s=30)
+    source = open_records(etcd.url + "/harness")
+    records = source.records()
+    assert [r.card.display_name for r in records] == ["acme/Tiny-Llama", "acme/Tiny-Llama"]
+    assert records[0].origin.endswith("key v1/mdc/dynamo/backend/generate/2c9b") and records[0].instance_hex == "2c9b"
+    assert [r.origin for r in source.records("dynamo")] == [records[0].origin]
+    lease.revoke()  # the worker is gone
+    assert len(source.records()) == 1
+    etcd.stop()
+    with pytest.raises(CardError, match=f"cannot read etcd"):
+        source.records()

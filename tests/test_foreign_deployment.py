@@ -134,7 +134,7 @@ def test_a_directory_that_is_no_store_is_a_clear_error(tmp_path):
     with pytest.raises(CardError, match="has no v1/mdc/ directory: is it the DYN_FILE_KV directory"):
         FileRecords(tmp_path).records()
     with pytest.raises(CardError, match="unsupported store; use file://DIR"):
-        open_records("etcd://127.0.0.1:2379")
+        open_records("consul://127.0.0.1:8500")
 
 
 def test_two_records_of_one_name_and_role_get_distinct_labels(card):
