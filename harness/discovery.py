@@ -23,6 +23,7 @@ from harness.card import ModelCard, slugify
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 10.0
+WATCH_IDLE_S = 5.0  # an etcd watch that sends nothing for this long is renewed (re-list, then watch again)
 
 # Dynamo's model types: a prefill worker registers as `Prefill` and has no OpenAI surface of its own.
 MODEL_TYPE_FOR_ROLE = {"prefill": "Prefill", "decode": "Chat|Completions", "aggregated": "Chat|Completions",
@@ -194,7 +195,10 @@ class EtcdStore(Store):
 
         start = self.prefix.encode()
         end = start[:-1] + bytes([start[-1] + 1])
-        resp = requests.post(self.client.get_url("/watch"), stream=True, timeout=(5, None),
+        # A read timeout: a watch opened while etcd was still starting can hang without ever
+        # answering, and a stalled stream looks like a quiet one. After WATCH_IDLE_S without a byte
+        # the caller re-lists and watches again, which bounds how stale a view can get.
+        resp = requests.post(self.client.get_url("/watch"), stream=True, timeout=(5, WATCH_IDLE_S),
                              json={"create_request": {"key": b64(start), "range_end": b64(end)}})
         self._watch_response = resp
         try:
@@ -278,8 +282,8 @@ class Watcher:
                 for _ in self.store.changes(self._stop):
                     self.poll_once()
                     backoff = 0.2
-            except Exception as exc:  # etcd unreachable: keep the last view, try again
-                log.warning("discovery watch on %s dropped: %s", getattr(self.store, "url", self.store), exc)
+            except Exception as exc:  # etcd unreachable, or the watch idle: keep the last view, re-list
+                log.debug("discovery watch on %s ended: %s", getattr(self.store, "url", self.store), exc)
             if self._stop.wait(backoff):
                 return
             backoff = min(backoff * 2, 2.0)
