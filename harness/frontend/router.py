@@ -73,6 +73,7 @@ def prompt_mismatch(instance: "Instance", ours: list[int], theirs: list[int]) ->
 
 
 def route_path(engine_body: dict) -> str:
+    """The engine API a body is for: chat when it carries messages (images), else completions."""
     return "/v1/chat/completions" if "messages" in engine_body else "/v1/completions"
 
 
@@ -106,7 +107,6 @@ class Route:
     engine_request_ids: dict[str, str] = field(default_factory=dict)  # role -> the id the engine reported
     predicted_cached_blocks: int | None = None  # KV selection: leading blocks the chosen worker held
     block_size: int = 16
-    path: str = "/v1/completions"  # the engine API: chat when the request has images
     expect_prompt: list[int] | None = None  # the ids the engine must report having run
 
     def headers(self) -> dict[str, str]:
@@ -194,10 +194,8 @@ class RoutedEngine:
                        "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
         if prompt.messages is None:
             engine_body["prompt"] = prompt.token_ids
-            route.path, route.expect_prompt = "/v1/completions", None
-        else:  # images: the engine's chat API, asked to show the prompt it ran (SGLang cannot)
+        else:  # images: the engine's chat API (route_path), asked to show the prompt it ran (SGLang cannot)
             engine_body["messages"] = prompt.messages
-            route.path = "/v1/chat/completions"
             if self.protocol != "sglang":
                 engine_body["return_token_ids"] = True
                 route.expect_prompt = prompt.token_ids
@@ -250,7 +248,7 @@ class RoutedEngine:
             body["max_completion_tokens"] = 1
         body.pop("stream_options", None)
         body.pop("min_tokens", None)  # restored for decode: it is only in engine_body
-        url = f"{route.prefill.url}{route.path}"
+        url = f"{route.prefill.url}{route_path(body)}"
         # Shielded: a client that disconnects during prefill must not abort it, or its KV blocks leak.
         task = self._keep(client.post(url, json=body, headers=self._headers(route.request_id), timeout=self.timeout))
         try:
@@ -345,6 +343,6 @@ class RoutedEngine:
                      "bootstrap_port": route.prefill.bootstrap_port, "bootstrap_room": room}
         prefill_body = {**engine_body, **bootstrap, "stream": False}
         prefill_body.pop("stream_options", None)
-        self._keep(client.post(f"{route.prefill.url}{route.path}", json=prefill_body,
+        self._keep(client.post(f"{route.prefill.url}{route_path(prefill_body)}", json=prefill_body,
                                headers=self._headers(route.request_id), timeout=self.timeout))
         return await self._open(client, route.decode, {**engine_body, **bootstrap}, route.request_id)
