@@ -204,7 +204,9 @@ def check_cached_tokens_are_the_prefills(disagg) -> dict:
     hits = kv_sources(Metrics.scrape(disagg.url("prefill")), before)["local_cache_hit"]
     details = (resp.json().get("usage") or {}).get("prompt_tokens_details")
     numbers = {"client_cached_tokens": (details or {}).get("cached_tokens", "missing"), "prefill_prefix_hits": hits,
-               "prompt_tokens": prompt_tokens(resp)}
+               "prompt_tokens": prompt_tokens(resp), "routing": routing_mode(resp)}
+    assert numbers["routing"] != "aggregated", (
+        f"the frontend served the request aggregated, so the prefill never saw it: {numbers}")
     assert hits > 0, f"the warmed prefill found nothing in its cache: {numbers}"
     assert numbers["client_cached_tokens"] == hits, (
         f"the client was told {numbers['client_cached_tokens']} cached tokens, the prefill counted {hits:.0f} "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import requests
 
@@ -33,6 +35,21 @@ def test_a_dead_workers_lease_expires_and_its_model_is_removed(cluster, fake_eng
     cluster.wait_for_roles(set(), timeout_s=15)
     assert listed(cluster) == []
     assert not cluster.store.entries(), "an expired lease must leave no entry behind"
+
+
+def test_a_health_check_that_times_out_on_a_loaded_host_does_not_let_the_lease_lapse(cluster, fake_engines, caplog):
+    """Lease 3 s: every other /health answers too late (2 s, past its 0.75 s timeout) and the next
+    one slowly (0.5 s). The renewal after the slow answer still lands inside the lease."""
+    decode = fake_engines("decode", health_delays_s=(2.0, 0.5))
+    key = cluster.register(decode).entry.key
+    deadline, gaps = time.monotonic() + 7, []
+    with caplog.at_level(logging.WARNING, logger="harness.worker.registration"):
+        while time.monotonic() < deadline:
+            if key not in cluster.store.entries():
+                gaps.append(round(deadline - time.monotonic(), 1))
+            time.sleep(0.1)
+    assert not gaps, f"the entry was missing from the store {len(gaps)} times (seconds before the end: {gaps})"
+    assert "had lapsed" not in caplog.text
 
 
 def test_a_prefill_worker_alone_exposes_no_model(cluster, fake_engines):

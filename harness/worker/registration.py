@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from harness.discovery import DEFAULT_LEASE_S, MODEL_TYPE_FOR_ROLE, ModelEntry, Store
@@ -30,8 +31,18 @@ class WorkerRegistration:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    # The lease is renewed on a fixed schedule, RENEWALS_PER_LEASE times per lease, and a health
+    # check may take at most one period. A renewal is then never later than two periods after the
+    # one before even when a check in between timed out, so one slow /health on a loaded host does
+    # not let the lease lapse; an engine that stays silent still loses it within one lease.
+    RENEWALS_PER_LEASE = 4
+
+    @property
+    def period_s(self) -> float:
+        return self.lease_s / self.RENEWALS_PER_LEASE
+
     def engine_healthy(self) -> bool:
-        return is_healthy(self.engine_url, timeout=min(3.0, self.lease_s / 3))
+        return is_healthy(self.engine_url, timeout=min(3.0, self.period_s))
 
     def start(self) -> ModelEntry:
         card = self.metadata.publish(self.model_dir, self.name, worker_type=self.role, block_size=self.block_size,
@@ -48,9 +59,12 @@ class WorkerRegistration:
 
     def _keepalive(self) -> None:
         """Renew while healthy; skip renewals while not, so a dead engine's lease lapses. An engine
-        that was only slow (a missed health check on a loaded host) registers again when it answers."""
+        that was only slow (missed health checks on a loaded host) registers again when it answers.
+        Ticks keep to the schedule whatever a check took (a late tick is not made up twice)."""
         failing = False
-        while not self._stop.wait(self.lease_s / 3):
+        next_tick = time.monotonic() + self.period_s
+        while not self._stop.wait(max(0.0, next_tick - time.monotonic())):
+            next_tick = max(next_tick + self.period_s, time.monotonic())
             if not self.engine_healthy():
                 if not failing:
                     log.warning("engine %s is not answering /health; not renewing the lease of %s",
