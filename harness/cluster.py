@@ -33,7 +33,8 @@ class Cluster:
         self.cache_root = self.workdir / "mdc"
         self.metadata = MetadataServer()
         self.frontend = Frontend(self.store, self.cache_root, selection=selection, protocol=protocol,
-                                 timeout_s=timeout_s, router=router, allow_remote_media=allow_remote_media)
+                                 timeout_s=timeout_s, router=router, allow_remote_media=allow_remote_media,
+                                 stale_after_s=lease_s)
         self.registrations: dict[str, WorkerRegistration] = {}
 
     def start(self) -> "Cluster":

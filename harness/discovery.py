@@ -183,9 +183,10 @@ class EtcdStore(Store):
                 log.warning("skipping unreadable etcd entry %s: %s", key, exc)
         return live
 
-    def changes(self, stop: threading.Event):
+    def changes(self, stop: threading.Event, idle_s: float = WATCH_IDLE_S):
         """Yield once per watch event on the prefix; return when the stream ends (etcd gone, the
-        watch cancelled or compacted), so the caller re-lists and watches again."""
+        watch cancelled or compacted) or raise after `idle_s` without a byte, so the caller re-lists
+        and watches again."""
         import base64
 
         import requests
@@ -198,7 +199,7 @@ class EtcdStore(Store):
         # A read timeout: a watch opened while etcd was still starting can hang without ever
         # answering, and a stalled stream looks like a quiet one. After WATCH_IDLE_S without a byte
         # the caller re-lists and watches again, which bounds how stale a view can get.
-        resp = requests.post(self.client.get_url("/watch"), stream=True, timeout=(5, WATCH_IDLE_S),
+        resp = requests.post(self.client.get_url("/watch"), stream=True, timeout=(5, idle_s),
                              json={"create_request": {"key": b64(start), "range_end": b64(end)}})
         self._watch_response = resp
         try:
@@ -246,16 +247,50 @@ class Event:
 
 
 class Watcher:
-    """Polls a store and calls back with put and delete events, in a background thread."""
+    """Follows a store and calls back with put and delete events, in a background thread: by etcd
+    watch where the store has one, else by polling every `interval_s`.
 
-    def __init__(self, store: Store, on_event: Callable[[Event], None], interval_s: float = 0.1):
+    A view the store has failed to confirm for `stale_after_s` (one lease) is dropped: every entry
+    gets a delete event and `unreachable()` says why. A worker may have died while the store was away,
+    and its lease cannot expire where nobody can see it, so serving from that view would route to
+    the dead. When the store answers again, the entries come back as puts.
+    """
+
+    def __init__(self, store: Store, on_event: Callable[[Event], None], interval_s: float = 0.1,
+                 stale_after_s: float | None = None):
         self.store, self.on_event, self.interval_s = store, on_event, interval_s
+        self.stale_after_s = stale_after_s
+        # Re-list often enough that a quiet, healthy store confirms the view well within the bound.
+        self.watch_idle_s = min(WATCH_IDLE_S, stale_after_s / 3) if stale_after_s else WATCH_IDLE_S
+        self.max_backoff_s = min(2.0, stale_after_s / 4) if stale_after_s else 2.0
+        self.confirmed_at = time.monotonic()
+        self._failure: str | None = None  # the store's last error since it last answered
         self._known: dict[str, ModelEntry] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="discovery-watcher", daemon=True)
 
+    @property
+    def store_name(self) -> str:
+        return str(getattr(self.store, "url", None) or getattr(self.store, "dir", None) or self.store)
+
+    def unreachable(self) -> str | None:
+        """Why the view must not be served (the store, for how long, its last error), or None.
+
+        Checked at request time as well as by the thread, so a view goes stale on time even while
+        the thread waits on a store that does not answer. Only after the store has failed: a thread
+        that was merely slow to run on a loaded host does not make the view stale."""
+        age = time.monotonic() - self.confirmed_at
+        if self._failure is None or self.stale_after_s is None or age <= self.stale_after_s:
+            return None
+        return (f"discovery store {self.store_name} has not answered for {age:.0f} s, longer than one lease "
+                f"({self.stale_after_s:.0f} s; last error {self._failure}): its workers are not served until it does")
+
     def poll_once(self) -> list[Event]:
         current = self.store.entries()
+        self.confirmed_at, self._failure = time.monotonic(), None
+        return self._apply(current)
+
+    def _apply(self, current: dict[str, ModelEntry]) -> list[Event]:
         events = [Event("delete", k, e) for k, e in self._known.items() if k not in current]
         events += [Event("put", k, e) for k, e in current.items()
                    if k not in self._known or self._known[k].card != e.card or self._known[k].url != e.url]
@@ -267,30 +302,45 @@ class Watcher:
                 log.exception("handling %s of %s failed", event.kind, event.key)
         return events
 
+    def _store_failed(self, exc: Exception) -> None:
+        """Keep the last view while it is younger than one lease; past that, drop it."""
+        log.debug("discovery store %s failed: %s", self.store_name, exc)
+        self._failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if self._known and (why := self.unreachable()):
+            log.error("%s; dropping %d entries", why, len(self._known))
+            self._apply({})
+
     def _run(self) -> None:
         if hasattr(self.store, "changes"):
             return self._run_watching()
         while not self._stop.wait(self.interval_s):
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception as exc:  # an unreadable store directory: same bound as an unreachable etcd
+                self._store_failed(exc)
 
     def _run_watching(self) -> None:
-        """Re-list on every watch event; when the watch drops (etcd restarted, compaction), re-list
-        and watch again, backing off while etcd does not answer."""
+        """Re-list on every watch event. When the watch ends (idle, etcd restarted, compaction),
+        re-list and watch again; while the store does not answer, retry with backoff."""
         backoff = 0.2
         while not self._stop.is_set():
             try:
-                for _ in self.store.changes(self._stop):
+                for _ in self.store.changes(self._stop, idle_s=self.watch_idle_s):
                     self.poll_once()
+            except Exception as exc:  # the watch timed out idle, or etcd is unreachable
+                log.debug("discovery watch on %s ended: %s", self.store_name, exc)
+                if self._stop.wait(0.05):  # no hot loop when watching fails at once but listing works
+                    return
+            while not self._stop.is_set():
+                try:
+                    self.poll_once()  # whatever changed while the watch was down
                     backoff = 0.2
-            except Exception as exc:  # etcd unreachable, or the watch idle: keep the last view, re-list
-                log.debug("discovery watch on %s ended: %s", getattr(self.store, "url", self.store), exc)
-            if self._stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, 2.0)
-            try:
-                self.poll_once()  # whatever changed while the watch was down
-            except Exception as exc:
-                log.warning("re-listing %s failed: %s", getattr(self.store, "url", self.store), exc)
+                    break
+                except Exception as exc:
+                    self._store_failed(exc)
+                    if self._stop.wait(backoff):
+                        return
+                    backoff = min(backoff * 2, self.max_backoff_s)
 
     def start(self) -> "Watcher":
         self.poll_once()
@@ -303,4 +353,3 @@ class Watcher:
             self.store.close_watch()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-

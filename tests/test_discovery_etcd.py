@@ -135,3 +135,37 @@ def test_the_suites_read_a_running_clusters_cards_from_etcd_in_dynamos_layout_an
     etcd.stop()
     with pytest.raises(CardError, match=f"cannot read etcd"):
         source.records()
+
+
+def serving_cluster(etcd, tmp_path, tiny_model, fake_engines, prefix: str):
+    from harness.cluster import Cluster
+
+    cluster = Cluster(tmp_path / prefix, tiny_model, "tiny", block_size=32, lease_s=3.0, timeout_s=10,
+                      store=f"{etcd.url}/{prefix}")
+    return cluster, fake_engines("decode")
+
+
+def test_etcd_stopped_under_a_running_frontend_stops_it_serving_within_one_lease_and_restarted_brings_it_back(
+        etcd, tmp_path, tiny_model, fake_engines):
+    from suites.discovery_checks import check_a_stopped_store_bounds_the_stale_view
+
+    cluster, engine = serving_cluster(etcd, tmp_path, tiny_model, fake_engines, "bounded")
+    with cluster:
+        cluster.register(engine)
+        cluster.wait_for_roles({"decode"}, timeout_s=15)
+        numbers = check_a_stopped_store_bounds_the_stale_view(cluster.url, "tiny", lease_s=3.0, stop_store=etcd.stop,
+                                                              start_store=etcd.start)
+    assert numbers["refused_with"] == 503 and etcd.url in numbers["refusal"], numbers
+
+
+def test_a_frontend_that_keeps_serving_its_view_while_etcd_is_down_is_caught(etcd, tmp_path, tiny_model, fake_engines):
+    from suites.discovery_checks import check_a_stopped_store_bounds_the_stale_view
+
+    cluster, engine = serving_cluster(etcd, tmp_path, tiny_model, fake_engines, "planted")
+    cluster.frontend.watcher.stale_after_s = None  # planted: the last view is served however old it gets
+    with cluster:
+        cluster.register(engine)
+        cluster.wait_for_roles({"decode"}, timeout_s=15)
+        with pytest.raises(AssertionError, match="kept serving from its last view"):
+            check_a_stopped_store_bounds_the_stale_view(cluster.url, "tiny", lease_s=3.0, stop_store=etcd.stop,
+                                                        start_store=etcd.start)

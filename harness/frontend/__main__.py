@@ -1,6 +1,6 @@
 """Run the reference frontend as a process: `python -m harness.frontend --store DIR --port N`.
 
-It watches the file store for worker entries, resolves their cards into --cache-root, and serves
+It watches the store (a directory or etcd) for worker entries, resolves their cards into --cache-root, and serves
 the OpenAI API on 127.0.0.1 until interrupted.
 """
 
@@ -12,7 +12,7 @@ import signal
 import threading
 
 from harness.card import default_cache_root
-from harness.discovery import open_store
+from harness.discovery import DEFAULT_LEASE_S, open_store
 from harness.frontend.server import Frontend
 
 
@@ -27,12 +27,15 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="engine request timeout, seconds")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="fetch http(s) image URLs in chat requests (off: only data: URLs are read)")
+    p.add_argument("--stale-after", type=float, default=DEFAULT_LEASE_S, metavar="SECONDS",
+                   help="stop serving the discovered workers when the store has failed to answer for this long "
+                        "(default: one worker lease, %(default)s s): a worker may have died unseen meanwhile")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is too much
     frontend = Frontend(open_store(args.store), args.cache_root or default_cache_root(), port=args.port,
                         selection=args.selection, protocol=args.protocol, timeout_s=args.timeout,
-                        allow_remote_media=args.allow_remote_media).start()
+                        allow_remote_media=args.allow_remote_media, stale_after_s=args.stale_after).start()
     print(f"frontend listening on {frontend.url}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

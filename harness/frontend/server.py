@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from harness.discovery import Store, Watcher
+from harness.discovery import DEFAULT_LEASE_S, Store, Watcher
 from harness.frontend.media import load_images
 from harness.frontend.models import ModelManager, ServedModel
 from harness.frontend.preprocessor import Prompt
@@ -56,7 +56,7 @@ class Folded:
             self.usage = item.data["usage"]
 
 
-def create_app(manager: ModelManager, allow_remote_media: bool = False) -> FastAPI:
+def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher: Watcher | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
@@ -65,8 +65,13 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False) -> FastA
 
     app = FastAPI(title="disagg-conformance reference frontend", lifespan=lifespan)
 
+    def discovery_down() -> str | None:
+        return watcher.unreachable() if watcher else None
+
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health() -> Any:
+        if why := discovery_down():  # not ready: what it would serve may be dead
+            return JSONResponse({"status": "discovery unreachable", "detail": why, "models": []}, status_code=503)
         return {"status": "ok", "models": manager.listed()}
 
     @app.get("/v1/models")
@@ -79,6 +84,8 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False) -> FastA
             body = await request.json()
         except ValueError:
             return error(400, "the request body is not JSON")
+        if why := discovery_down():
+            return error(503, why, "service_unavailable")
         model = manager.get(body.get("model", ""))
         if model is None:
             return error(404, f"model {body.get('model')!r} is not served here; see /v1/models", "NotFoundError")
@@ -207,12 +214,12 @@ class Frontend:
 
     def __init__(self, store: Store, cache_root: str | Path, *, port: int = 0, selection: str = "round_robin",
                  protocol: str = "vllm", timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine,
-                 allow_remote_media: bool = False):
+                 allow_remote_media: bool = False, stale_after_s: float = DEFAULT_LEASE_S):
         self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
                                     router=router)
-        self.watcher = Watcher(store, self.manager.on_event)
-        self.server = BackgroundServer(create_app(self.manager, allow_remote_media), port=port, name="frontend",
-                                       lifespan="on")
+        self.watcher = Watcher(store, self.manager.on_event, stale_after_s=stale_after_s)
+        self.server = BackgroundServer(create_app(self.manager, allow_remote_media, self.watcher), port=port,
+                                       name="frontend", lifespan="on")
 
     @property
     def url(self) -> str:
