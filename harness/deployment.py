@@ -74,6 +74,7 @@ class Deployment:
     python: str | None = None
     launcher: str = "auto"
     extra_env: dict[str, str] = field(default_factory=dict)
+    store_server: Any = None  # an etcd this run started for the embedded deployment: what stops and restarts it
     _endpoints: dict[str, OpenAIEndpoint] = field(default_factory=dict, repr=False)
     _versions: dict[str, str | None] = field(default_factory=dict, repr=False)
 
@@ -124,6 +125,9 @@ class Deployment:
             return None if self.embedded else need.lacking()
         if need in (ev.ENGINE_CONTROL, ev.PLANTED_ROUTER):
             return None if self.cluster is not None else need.lacking()
+        if need is ev.STORE_CONTROL:
+            return None if self.cluster is not None and self.store_server is not None else need.lacking(
+                f"this one registers in {self.discovery}")
         if need is ev.AGGREGATED_REFERENCE:
             return None if self.has("aggregated") else need.lacking()
         if need.key.startswith("metrics:"):
@@ -220,6 +224,17 @@ class Deployment:
             old.stop()
         self.launch((role,), progress)
 
+    def stop_store(self) -> None:
+        """The discovery store goes down (etcd stopped, its data kept); engines and frontend run on."""
+        if self.store_server is None:
+            raise RuntimeError(ev.STORE_CONTROL.lacking())
+        self.store_server.stop()
+
+    def start_store(self) -> None:
+        if self.store_server is None:
+            raise RuntimeError(ev.STORE_CONTROL.lacking())
+        self.store_server.start()
+
     def stop(self) -> None:
         """Stop what this deployment started; a foreign deployment's parts are not ours to stop."""
         if not self.embedded:
@@ -249,10 +264,13 @@ def module_available(python: str, module: str) -> bool:
 
 
 def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, python: str,
-                   progress: Progress = stderr_progress, launcher: str = "auto") -> Deployment:
+                   progress: Progress = stderr_progress, launcher: str = "auto", store: str | None = None,
+                   store_server: Any = None) -> Deployment:
     """Real engines from `profile` (prefill, decode, and an aggregated reference not behind the
     frontend), each prefill/decode registered by the harness's worker side, behind the reference
-    frontend. Stop it with `.stop()`."""
+    frontend. Workers register in `store` (etcd://HOST:PORT/prefix) or, by default, a file store in
+    the workdir; `store_server` is the etcd behind `store` when this run may stop it. Stop it all
+    with `.stop()`."""
     from harness.cluster import Cluster
 
     # A short scratch path: vLLM puts ZMQ unix sockets under TMPDIR, and those paths are length-capped.
@@ -261,11 +279,12 @@ def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, pytho
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     (workdir / "tmp").mkdir()
     cluster = Cluster(workdir / "cluster", model_dir, SERVED_NAME, block_size=profile.block_size,
-                      protocol=profile.protocol, timeout_s=profile.request_timeout_s).start()
+                      protocol=profile.protocol, timeout_s=profile.request_timeout_s, store=store).start()
     deployment = Deployment(EMBEDDED, cache_root=cluster.cache_root, frontend_url=cluster.url, model=SERVED_NAME,
                             profile=profile, cluster=cluster, workdir=workdir, log_dir=Path(log_dir), python=python,
-                            launcher=launcher, extra_env=env, discovery=cluster.store.dir.as_uri())
-    progress(f"[deployment {profile.name}] starting {', '.join(ROLES)} engines (logs: {log_dir})")
+                            launcher=launcher, extra_env=env, discovery=cluster.store.url, store_server=store_server)
+    progress(f"[deployment {profile.name}] starting {', '.join(ROLES)} engines (logs: {log_dir}; "
+             f"discovery: {deployment.discovery})")
     try:
         deployment.launch(ROLES, progress)
         deployment.cards = cards_from_records([CardRecord(f"{deployment.discovery} key {key}", entry.model_card())

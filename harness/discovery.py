@@ -86,6 +86,10 @@ class FileStore(Store):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
 
+    @property
+    def url(self) -> str:
+        return self.dir.as_uri()
+
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 

@@ -43,6 +43,8 @@ HARNESS_CODE = Evidence("harness_code", "the harness's own code (card builder, U
                         "run without --card/--discovery/--frontend-url to test the harness itself")
 
 
+STORE_CONTROL = Evidence("store_control", "the power to stop and restart the deployment's discovery store (etcd)",
+                         "only the embedded deployment on an etcd of its own grants it (--embedded-store=etcd)")
 ENGINE_OPENAI = Evidence("engine_openai", "an engine's own OpenAI server, to warm its prefix cache without the frontend",
                          "give --engine-url ROLE=URL of the engine's OpenAI server (a Dynamo worker's DYN_SYSTEM_PORT "
                          "serves /metrics only)")

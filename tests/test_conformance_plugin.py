@@ -82,6 +82,23 @@ def test_cache_root_without_cards_is_a_usage_error_and_writes_nothing(pytester, 
     assert list(theirs.iterdir()) == []
 
 
+@pytest.mark.parametrize("stores, message", [
+    ("consul://127.0.0.1:8500", "*--embedded-store 'consul://127.0.0.1:8500': expected files, etcd or etcd://HOST:PORT*"),
+    ("etcd://127.0.0.1", "*--embedded-store 'etcd://127.0.0.1': expected files, etcd or etcd://HOST:PORT*"),
+    ("etcd,etcd", "*--embedded-store 'etcd,etcd': name each store once*"),
+])
+def test_an_embedded_store_that_is_not_files_or_etcd_is_a_usage_error(pytester, stores, message):
+    result = run(pytester, LAYOUT, f"--embedded-store={stores}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_an_embedded_store_with_a_foreign_frontend_is_a_usage_error(pytester):
+    result = run(pytester, LAYOUT, "--embedded-store=etcd", "--frontend-url=http://127.0.0.1:9")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--embedded-store sets up the embedded deployment*--discovery etcd://HOST:PORT*"])
+
+
 @pytest.fixture
 def foreign(tmp_path) -> tuple[Path, Path]:
     """A cache written by 'another frontend' (here the harness, run apart), and its card."""
