@@ -77,6 +77,10 @@ def test_an_engine_that_exits_during_start_up_fails_with_its_log_tail(tmp_path):
 
 def test_an_engine_that_never_gets_healthy_is_stopped_after_the_timeout(tmp_path):
     engine = EngineProcess(spec(tmp_path, SERVER, delay=60), tmp_path / "logs").start()
+    log = tmp_path / "logs" / "stand-in.log"
+    deadline = time.monotonic() + 60  # on a loaded runner the stand-in may take seconds to print its first line
+    while "stand-in engine starting" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     with pytest.raises(EngineStartError, match=r"did not answer /health within 2 s(.|\n)*stand-in engine starting"):
         engine.wait_healthy(2, progress=lambda _: None)
     assert not engine.alive()
