@@ -3,7 +3,7 @@
     python -m harness card MODEL_DIR --name NAME [--worker-type T] [--block-size N] [--self-host-url BASE]
     python -m harness local-dir CARD_JSON [--cache-root DIR]
     python -m harness resolve CARD_JSON [--cache-root DIR] [--model-path DIR]
-    python -m harness up [--profile cpu] [--model-dir DIR] [--log-dir DIR]
+    python -m harness up [--profile cpu] [--model-dir DIR] [--log-dir DIR] [--store etcd://HOST:PORT[/prefix]]
 
 Errors print one line naming what was wrong and exit with status 1.
 """
@@ -57,7 +57,7 @@ def _up(args: argparse.Namespace) -> int:
         from fixtures.tiny_llama import cached_tiny_llama
         model_dir = cached_tiny_llama()
     deployment = start_embedded(PROFILES[args.profile], model_dir, Path(args.log_dir), sys.executable,
-                                progress=stderr_progress, launcher=args.launcher)
+                                progress=stderr_progress, launcher=args.launcher, store=args.store)
     stop = threading.Event()
     # Both set explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,7 +70,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"cache root: {deployment.cache_root}")
         engines = " ".join(f"--engine-url {r}={e.url}" for r, e in deployment.engines.items())
         print(f"check it as a foreign deployment:\n  pytest suites --frontend-url {deployment.frontend_url} "
-              f"--model {deployment.model} {engines}")
+              f"--model {deployment.model} {engines} --discovery {deployment.discovery} "
+              f"--cache-root {deployment.cache_root}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop.wait(1.0):
             pass
@@ -164,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--model-dir", default=None, help="the model to serve (default: the suites' tiny random Llama)")
     u.add_argument("--log-dir", default="reports/logs", help="engine logs (default reports/logs)")
     u.add_argument("--launcher", choices=["auto", "subprocess", "docker"], default="auto")
+    u.add_argument("--store", default=None, metavar="etcd://HOST:PORT[/prefix]",
+                   help="register the workers in this etcd (default: a file store in the deployment's workdir)")
     u.set_defaults(func=_up)
 
     a = sub.add_parser("artifact", help="compile-cache artifacts: pack cache roots, serve them, install them")

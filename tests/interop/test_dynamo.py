@@ -123,3 +123,44 @@ def test_disaggregated_dynamo_with_kv_routing(models, tmp_path):
         assert checks[name]["outcome"] == "passed", (name, checks[name])
     assert passed(checks, "test_a_self_host_worker_serves_every_card_file_with_its_checksum") and \
         len(passed(checks, "test_local_dir_is_by_slug_slug_mdcsum")) == 2
+
+
+def test_dynamo_on_etcd_its_records_are_read_from_etcd_and_a_killed_worker_leaves_with_its_lease(models, tmp_path):
+    """Dynamo's etcd backend (DYN_DISCOVERY_BACKEND=etcd) against a real etcd: the suites read the
+    cards from its `v1/mdc/...` records and check them against its cache, as with the file backend;
+    a mocker SIGKILLed leaves its record until its lease expires, then it is gone."""
+    import time
+
+    from fixtures.etcd_server import EtcdServer
+    from harness.card_sources import open_records
+
+    mockers = [Mocker("text", models["text"], "acme/Tiny-Llama", self_host=True),
+               Mocker("mm", models["multimodal"], "acme/Tiny-Llava", self_host=False,
+                      endpoint="dyn://mm.backend.generate")]
+    with EtcdServer(tmp_path / "etcd") as etcd, \
+            DynamoDeployment(DYNAMO_PYTHON, tmp_path / "dynamo", mockers, log_dir=tmp_path / "logs",
+                             etcd_url=etcd.url) as dynamo:
+        assert not (dynamo.store / "v1").exists(), "Dynamo wrote to its file store though told to use etcd"
+        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report",
+                                 "suites/test_path_layout.py", "suites/test_consumers.py",
+                                 "suites/test_self_host_metadata.py")
+        checks = assert_truthful(report, out)
+        assert report["deployment"]["discovery"] == etcd.url
+        cards = {c["label"]: c["mode"] for c in report["deployment"]["cards"]}
+        assert cards == {"acme_tiny-llama-aggregated": "self-host", "acme_tiny-llava-aggregated": "shared-storage"}
+        for label in cards:
+            for check in ("test_local_dir_is_by_slug_slug_mdcsum", "test_local_dir_holds_every_metadata_sibling_of_its_source"):
+                assert checks[f"{check}[{label}]"]["outcome"] == "passed", (check, label, checks[f"{check}[{label}]"])
+
+        records = open_records(etcd.url)
+        origins = [r.origin for r in records.records()]
+        assert len(origins) == 2 and all(" key v1/mdc/" in o for o in origins), origins
+        killed = next(p for p in dynamo.processes if p.name == "dynamo-mocker-mm")
+        killed.kill()  # no clean shutdown: only the lease can remove its record
+        start = time.monotonic()
+        while any("/mm/" in r.origin for r in records.records()):
+            assert time.monotonic() - start < 90, "the killed mocker's record outlived its lease by far"
+            time.sleep(1)
+        took = time.monotonic() - start
+        assert [r.card.display_name for r in records.records()] == ["acme/Tiny-Llama"]
+        print(f"the killed mocker's record left etcd {took:.0f} s after SIGKILL")
