@@ -262,6 +262,8 @@ def fitting_vllm_profile(config: pytest.Config):
 @pytest.fixture(scope="session")
 def mm_engine_sets(request):
     """VLM engine sets by profile, started on first use; at most one set (and no text engines) at a time."""
+    if embedded_stores(request.config)[0] == "etcd":
+        request.getfixturevalue("embedded_etcd")  # set up first, so it stops after the sets' frontends deregister
     sets: dict[str, EmbeddedMultimodal] = {}
     yield sets
     for engines in sets.values():
