@@ -188,9 +188,10 @@ class EtcdStore(Store):
         return live
 
     def changes(self, stop: threading.Event, idle_s: float = WATCH_IDLE_S):
-        """Yield once per watch event on the prefix; return when the stream ends (etcd gone, the
-        watch cancelled or compacted) or raise after `idle_s` without a byte, so the caller re-lists
-        and watches again."""
+        """Yield once when the watch is created (a change made after the caller's last list and
+        before the watch existed is seen by the re-list this triggers), then once per watch event
+        on the prefix. Return when the stream ends (etcd gone, the watch cancelled or compacted) or
+        raise after `idle_s` without a byte, so the caller re-lists and watches again."""
         import base64
 
         import requests
@@ -215,7 +216,9 @@ class EtcdStore(Store):
                 result = json.loads(line).get("result") or {}
                 if result.get("canceled") or result.get("compact_revision"):
                     return
-                if result.get("events"):
+                if result.get("created"):
+                    yield 0  # the watch is live: re-list, for whatever changed between the last list and now
+                elif result.get("events"):
                     yield len(result["events"])
         finally:
             resp.close()

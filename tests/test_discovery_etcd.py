@@ -65,6 +65,26 @@ def test_the_watcher_follows_etcd_watch_events_not_polling(etcd):
         watcher.stop()
 
 
+def test_a_put_made_after_the_list_and_before_the_watch_exists_is_seen_at_once(etcd):
+    """The gap a loaded host opens between the watcher's first list and its watch: the re-list on
+    the watch's creation covers it, well before the idle re-list (5 s)."""
+    events: list[Event] = []
+
+    class PutInTheGap(EtcdStore):
+        def changes(self, stop, idle_s=5.0):
+            if not getattr(self, "gap_used", False):
+                self.gap_used = True
+                EtcdStore(etcd.url).put(entry(5), lease_s=10)
+            yield from super().changes(stop, idle_s)
+
+    watcher = Watcher(PutInTheGap(etcd.url), events.append, interval_s=3600).start()
+    try:
+        took = wait_for(lambda: [e.kind for e in events] == ["put"], 5, "the put in the gap was seen")
+        assert took < 2.5, f"the put in the gap was seen only after {took:.1f} s, by an idle re-list"
+    finally:
+        watcher.stop()
+
+
 def test_the_watcher_recovers_when_etcd_restarts(etcd):
     events: list[Event] = []
     watcher = Watcher(EtcdStore(etcd.url), events.append, interval_s=3600).start()
