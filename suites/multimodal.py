@@ -235,11 +235,13 @@ class EmbeddedMultimodal:
         if self.stopped:
             return
         self.stopped = True
-        for cluster in self.planted_clusters + list(self.clusters.values()):
-            cluster.stop()
-        for engine in self.engines:
-            engine.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            for cluster in self.planted_clusters + list(self.clusters.values()):
+                cluster.stop()
+        finally:  # whatever a frontend's stop did, the engines (3 GB each, spinning) must not outlive the run
+            for engine in self.engines:
+                engine.stop()
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def drop_preprocessor_config(cluster: Cluster) -> None:

@@ -189,3 +189,18 @@ def test_a_frontend_that_keeps_serving_its_view_while_etcd_is_down_is_caught(etc
         with pytest.raises(AssertionError, match="kept serving from its last view"):
             check_a_stopped_store_bounds_the_stale_view(cluster.url, "tiny", lease_s=3.0, stop_store=etcd.stop,
                                                         start_store=etcd.start)
+
+
+def test_a_worker_stopped_while_etcd_is_down_stops_cleanly_and_its_entry_expires_with_its_lease(
+        etcd, tmp_path, tiny_model, fake_engines):
+    from harness.cluster import Cluster
+
+    with Cluster(tmp_path / "c", tiny_model, "tiny", block_size=32, lease_s=3.0, store=etcd.url + "/down") as cluster:
+        cluster.register(fake_engines("decode"))
+        cluster.wait_for_roles({"decode"}, timeout_s=15)
+        etcd.stop()
+        cluster.deregister("fake-decode")  # must not raise: the store is down, the lease will do it
+        time.sleep(4)  # etcd is down through the lease's deadline; it restores leases with their TTL
+        etcd.start()
+        store = EtcdStore(etcd.url + "/down")
+        wait_for(lambda: not store.entries(), 15, "the stopped worker's entry expired")

@@ -85,4 +85,8 @@ class WorkerRegistration:
         if self._thread:
             self._thread.join(timeout=5)
         if self.entry:
-            self.store.delete(self.entry.key)
+            try:
+                self.store.delete(self.entry.key)
+            except Exception as exc:  # the store is down: the entry goes when its lease runs out
+                log.warning("could not delete %s (%s); it expires with its lease (%.0f s)", self.entry.key, exc,
+                            self.lease_s)
