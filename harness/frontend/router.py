@@ -8,6 +8,9 @@ SGLang protocol (SPEC §4.2): prefill and decode are sent at once with one boots
 Shared-storage protocol (vLLM's ExampleConnector): as vLLM's, but the KV moves through storage
 keyed by the prompt, so the prefill returns no `kv_transfer_params` and none are required.
 
+The engine client is aiohttp and chunks are parsed with orjson: this is the hot path of every
+streamed token (benchmarks/test_frontend_concurrency.py measures it).
+
 Engines are spoken to through their OpenAI `/v1/completions` with the token ids the frontend's
 own preprocessor produced, so what the engine runs is exactly what the frontend routed on. A
 request with images goes to the engine's `/v1/chat/completions` with the same messages (the same
@@ -21,19 +24,20 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import json
 import logging
 import random
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import httpx
+import aiohttp
+import orjson
 
 from harness.errors import HarnessError
 from harness.frontend.kv_index import KvIndex, block_hashes
 from harness.frontend.preprocessor import Prompt
-from harness.frontend.stream import Annotated
+from harness.frontend.stream import Annotated, dumps
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ class PrefillError(RoutingError):
 
 class DecodeError(RoutingError):
     pass
+
+
+# Engine errors the client sees as a failed worker: connection refused or reset, a read timeout.
+ENGINE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 class PromptMismatch(RoutingError):
@@ -130,7 +138,8 @@ class RoutedEngine:
         if selection not in ("round_robin", "kv"):
             raise ValueError(f"selection {selection!r} must be 'round_robin' or 'kv'")
         self.model, self.selection, self.protocol = model, selection, protocol
-        self.timeout = httpx.Timeout(timeout_s, connect=5.0)
+        # Per read, not per request: a stream may run for minutes while each token arrives promptly.
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()
         self._rr = itertools.count()
@@ -183,9 +192,9 @@ class RoutedEngine:
     # ---- the request
 
     def _headers(self, request_id: str) -> dict[str, str]:
-        return {"X-Request-Id": request_id}
+        return {"X-Request-Id": request_id, "Content-Type": "application/json"}
 
-    async def start(self, client: httpx.AsyncClient, body: dict, prompt: Prompt | list[int], request_id: str
+    async def start(self, client: aiohttp.ClientSession, body: dict, prompt: Prompt | list[int], request_id: str
                     ) -> tuple[Route, AsyncIterator[Annotated]]:
         """Route, run the prefill (if any), open the decode stream. Errors before streaming raise."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
@@ -233,15 +242,27 @@ class RoutedEngine:
         """The image spans that enter the block hashes: every image, over the blocks it covers."""
         return [(m.start, m.end, m.content_hash) for m in prompt.media]
 
-    def engine_lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+    def engine_lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The engine stream's lines, read as the client reads them: a client that stops, stops it."""
-        return resp.aiter_lines()
+        return resp.content.__aiter__()
 
-    async def release(self, resp: httpx.Response) -> None:
-        """Close an engine stream; a client that left aborts the engine's request this way."""
-        await resp.aclose()
+    async def release(self, resp: aiohttp.ClientResponse, finished: bool) -> None:
+        """Done with an engine stream. A stream that ended with [DONE] hands its connection back
+        for the next request; any other is closed, which aborts the engine's request: this is how
+        a client that left stops the decode."""
+        if finished:
+            await resp.read()  # the chunked terminator, so the connection can be reused
+            resp.release()
+        else:
+            resp.close()
 
-    async def _prefill(self, client: httpx.AsyncClient, route: Route, engine_body: dict) -> dict:
+    async def _post_json(self, client: aiohttp.ClientSession, url: str, body: dict, request_id: str
+                         ) -> tuple[int, bytes]:
+        async with client.post(url, data=dumps(body), headers=self._headers(request_id),
+                               timeout=self.timeout) as resp:
+            return resp.status, await resp.read()
+
+    async def _prefill(self, client: aiohttp.ClientSession, route: Route, engine_body: dict) -> dict:
         body = copy.deepcopy(engine_body)
         body.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS))
         if "max_completion_tokens" in body:
@@ -250,16 +271,19 @@ class RoutedEngine:
         body.pop("min_tokens", None)  # restored for decode: it is only in engine_body
         url = f"{route.prefill.url}{route_path(body)}"
         # Shielded: a client that disconnects during prefill must not abort it, or its KV blocks leak.
-        task = self._keep(client.post(url, json=body, headers=self._headers(route.request_id), timeout=self.timeout))
+        task = self._keep(self._post_json(client, url, body, route.request_id))
         try:
-            resp = await asyncio.shield(task)
-        except httpx.HTTPError as exc:
+            status, raw = await asyncio.shield(task)
+        except ENGINE_ERRORS as exc:
             raise PrefillError(f"prefill worker {route.prefill.key} at {route.prefill.url} failed: "
                                f"{type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
-            raise PrefillError(f"prefill worker {route.prefill.key} answered HTTP {resp.status_code}: "
-                               f"{resp.text[:300]}")
-        data = resp.json()
+        if status != 200:
+            raise PrefillError(f"prefill worker {route.prefill.key} answered HTTP {status}: "
+                               f"{raw[:300].decode(errors='replace')}")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise PrefillError(f"prefill worker {route.prefill.key} answered with no JSON: {raw[:300]!r}") from None
         data["choices"] = [as_completion_choice(c) for c in data.get("choices") or []]
         route.engine_request_ids["prefill"] = str(data.get("id"))
         if route.expect_prompt is not None and data.get("prompt_token_ids") is not None:
@@ -280,37 +304,39 @@ class RoutedEngine:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _open(self, client: httpx.AsyncClient, instance: Instance, body: dict, request_id: str) -> httpx.Response:
+    async def _open(self, client: aiohttp.ClientSession, instance: Instance, body: dict, request_id: str
+                    ) -> aiohttp.ClientResponse:
         """Open the decode stream. Counts toward the worker's load until `_relay` closes it."""
-        request = client.build_request("POST", f"{instance.url}{route_path(body)}", json=body,
-                                       headers=self._headers(request_id), timeout=self.timeout)
         self.load[instance.key] = self.load.get(instance.key, 0) + 1
         try:
             try:
-                resp = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
+                resp = await client.post(f"{instance.url}{route_path(body)}", data=dumps(body),
+                                         headers=self._headers(request_id), timeout=self.timeout)
+            except ENGINE_ERRORS as exc:
                 raise DecodeError(f"{instance.role} worker {instance.key} at {instance.url} failed: "
                                   f"{type(exc).__name__}: {exc}") from None
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:300]
-                await resp.aclose()
-                raise DecodeError(f"{instance.role} worker {instance.key} answered HTTP {resp.status_code}: {text}")
+            if resp.status != 200:
+                text = (await resp.read()).decode(errors="replace")[:300]
+                resp.close()
+                raise DecodeError(f"{instance.role} worker {instance.key} answered HTTP {resp.status}: {text}")
         except BaseException:
             self.load[instance.key] -= 1  # no stream was opened: it carries no load
             raise
         return resp
 
-    async def _relay(self, route: Route, resp: httpx.Response) -> AsyncIterator[Annotated]:
+    async def _relay(self, route: Route, resp: aiohttp.ClientResponse) -> AsyncIterator[Annotated]:
         """Engine SSE -> annotated items. A worker that dies mid-stream becomes an error item."""
         prefill_usage = ((route.prefill_response or {}).get("usage") or {})
+        finished = False
         try:
             async for line in self.engine_lines(resp):
-                if not line.startswith("data: "):
+                if not line.startswith(b"data: "):
                     continue
-                payload = line[len("data: "):]
-                if payload == "[DONE]":
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    finished = True
                     return
-                chunk = json.loads(payload)
+                chunk = orjson.loads(payload)
                 route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
                 if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                     yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
@@ -325,24 +351,24 @@ class RoutedEngine:
                 yield Annotated(data=chunk, id=route.request_id)
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} closed the stream "
                                     f"before [DONE]")
-        except httpx.HTTPError as exc:
+        except (*ENGINE_ERRORS, orjson.JSONDecodeError) as exc:
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} at {route.decode.url} failed "
                                     f"mid-stream: {type(exc).__name__}: {exc or 'connection lost'}")
         finally:
             self.load[route.decode.key] = max(0, self.load.get(route.decode.key, 1) - 1)
-            await self.release(resp)  # on client disconnect this aborts the decode request
+            await self.release(resp, finished)  # unfinished (the client left): this aborts the decode request
 
     async def _single(self, response: dict) -> AsyncIterator[Annotated]:
         choice = dict((response.get("choices") or [{}])[0])
         yield Annotated(data={**response, "choices": [choice], "kv_transfer_params": None}, id=response.get("id"))
 
-    async def _sglang(self, client: httpx.AsyncClient, route: Route, engine_body: dict) -> httpx.Response:
+    async def _sglang(self, client: aiohttp.ClientSession, route: Route, engine_body: dict) -> aiohttp.ClientResponse:
         """Bootstrap-style: both at once, same room; the prefill runs in the background."""
         room = random.randrange(2**63)
-        bootstrap = {"bootstrap_host": httpx.URL(route.prefill.url).host,
+        bootstrap = {"bootstrap_host": urllib.parse.urlsplit(route.prefill.url).hostname,
                      "bootstrap_port": route.prefill.bootstrap_port, "bootstrap_room": room}
         prefill_body = {**engine_body, **bootstrap, "stream": False}
         prefill_body.pop("stream_options", None)
-        self._keep(client.post(f"{route.prefill.url}{route_path(prefill_body)}", json=prefill_body,
-                               headers=self._headers(route.request_id), timeout=self.timeout))
+        self._keep(self._post_json(client, f"{route.prefill.url}{route_path(prefill_body)}", prefill_body,
+                                   route.request_id))
         return await self._open(client, route.decode, {**engine_body, **bootstrap}, route.request_id)

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -59,7 +59,9 @@ class Folded:
 def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher: Watcher | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
+        # No cap on connections (the engines' own limits apply); lines up to 8 MiB (prompt token ids).
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**22,
+                                         auto_decompress=False) as client:
             app.state.client = client
             yield
 

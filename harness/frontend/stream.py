@@ -11,6 +11,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
+
+def dumps(data: Any) -> bytes:
+    """orjson, or json for what orjson refuses (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        return json.dumps(data).encode()
+
 
 @dataclass
 class Annotated:
@@ -39,6 +49,9 @@ class Annotated:
 
 def sse(item: Annotated) -> bytes:
     """One SSE message. Errors become `event: error` with an OpenAI-style error body."""
+    if item.data is not None and not item.event and not item.comment:  # every token takes this path
+        data = item.data.encode() if isinstance(item.data, str) else dumps(item.data)
+        return (b"id: " + item.id.encode() + b"\n" if item.id else b"") + b"data: " + data + b"\n\n"
     lines = [f": {c}" for c in item.comment]
     if item.id:
         lines.append(f"id: {item.id}")
