@@ -76,7 +76,7 @@ def markdown(data: dict) -> str:
                          f"cold {v.get('cold_s') or float('nan'):.1f} s, warm {v.get('warm_s') or float('nan'):.1f} s")
         elif p.get("vllm_bench_startup_note"):
             lines.append(f"- `vllm bench startup`: {p['vllm_bench_startup_note']}")
-        lines += ["", f"![modes x phases](coldstart.png)", ""]
+        lines += ["", "![modes x phases](coldstart.png)", ""]
     return "\n".join(lines)
 
 

@@ -153,7 +153,7 @@ def test_the_suites_read_a_running_clusters_cards_from_etcd_in_dynamos_layout_an
     lease.revoke()  # the worker is gone
     assert len(source.records()) == 1
     etcd.stop()
-    with pytest.raises(CardError, match=f"cannot read etcd"):
+    with pytest.raises(CardError, match="cannot read etcd"):
         source.records()
 
 

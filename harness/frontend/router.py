@@ -37,7 +37,7 @@ import orjson
 from harness.errors import HarnessError
 from harness.frontend.kv_index import KvIndex, block_hashes
 from harness.frontend.preprocessor import Prompt
-from harness.frontend.stream import Annotated, dumps
+from harness.frontend.stream import FLUSH, Annotated, dumps
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,10 @@ class RoutedEngine:
         """The image spans that enter the block hashes: every image, over the blocks it covers."""
         return [(m.start, m.end, m.content_hash) for m in prompt.media]
 
-    def engine_lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The engine stream's lines, read as the client reads them: a client that stops, stops it."""
-        return resp.content.__aiter__()
+    def engine_chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The engine stream's bytes as they arrive (several events or part of one), read as the
+        client reads them: a client that stops, stops it."""
+        return resp.content.iter_any()
 
     async def release(self, resp: aiohttp.ClientResponse, finished: bool) -> None:
         """Done with an engine stream. A stream that ended with [DONE] hands its connection back
@@ -327,28 +328,31 @@ class RoutedEngine:
     async def _relay(self, route: Route, resp: aiohttp.ClientResponse) -> AsyncIterator[Annotated]:
         """Engine SSE -> annotated items. A worker that dies mid-stream becomes an error item."""
         prefill_usage = ((route.prefill_response or {}).get("usage") or {})
-        finished = False
+        finished, pending = False, b""
         try:
-            async for line in self.engine_lines(resp):
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    finished = True
-                    return
-                chunk = orjson.loads(payload)
-                route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
-                if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                    yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
-                    return
-                chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
-                if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
-                    if (why := prompt_mismatch(route.decode, route.expect_prompt, chunk.pop("prompt_token_ids"))):
-                        yield Annotated.failure(why)
+            async for data in self.engine_chunks(resp):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data: "):
+                        continue
+                    payload = line[6:].strip()
+                    if payload == b"[DONE]":
+                        finished = True
                         return
-                if chunk.get("usage") and route.prefill_response is not None:
-                    chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
-                yield Annotated(data=chunk, id=route.request_id)
+                    chunk = orjson.loads(payload)
+                    route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
+                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                        yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
+                        return
+                    chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
+                    if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
+                        if (why := prompt_mismatch(route.decode, route.expect_prompt, chunk.pop("prompt_token_ids"))):
+                            yield Annotated.failure(why)
+                            return
+                    if chunk.get("usage") and route.prefill_response is not None:
+                        chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
+                    yield Annotated(data=chunk, id=route.request_id)
+                yield FLUSH  # what arrived together leaves together: one write for the client, not one per token
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} closed the stream "
                                     f"before [DONE]")
         except (*ENGINE_ERRORS, orjson.JSONDecodeError) as exc:

@@ -1,5 +1,8 @@
 """The reference frontend: an OpenAI-compatible server over discovered, routed engines.
 
+An aiohttp server (its hot path: every streamed token passes through here; FastAPI's streaming
+response cost three times as much, issue 10's bench).
+
 `/v1/models`, `/v1/completions` and `/v1/chat/completions` (with SSE streaming). Prompts are
 tokenized and chat templates applied by the native preprocessor, from local_dir only; the token
 ids go to the routed engine. Routing decisions come back as `x-disagg-*` response headers.
@@ -7,24 +10,23 @@ ids go to the routed engine. Routing decisions come back as `x-disagg-*` respons
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
-from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+import orjson
+from aiohttp import web
 
 from harness.discovery import DEFAULT_LEASE_S, Store, Watcher
 from harness.frontend.media import load_images
 from harness.frontend.models import ModelManager, ServedModel
 from harness.frontend.preprocessor import Prompt
 from harness.frontend.router import RoutedEngine, RoutingError
-from harness.frontend.stream import DONE, Annotated, sse
-from harness.http_server import BackgroundServer
+from harness.frontend.stream import DONE, FLUSH, Annotated, dumps, sse
+from harness.http_server import BackgroundAiohttpServer
 
 COMPLETION_OWN_KEYS = {"model", "prompt", "stream", "stream_options", "n", "echo", "suffix"}
 CHAT_OWN_KEYS = {"model", "messages", "stream", "stream_options", "n", "tools", "tool_choice", "response_format",
@@ -32,8 +34,12 @@ CHAT_OWN_KEYS = {"model", "messages", "stream", "stream_options", "n", "tools", 
                  "chat_template_kwargs", "user", "max_completion_tokens"}
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    return json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
 
 class Folded:
@@ -56,36 +62,38 @@ class Folded:
             self.usage = item.data["usage"]
 
 
-def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher: Watcher | None = None) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher: Watcher | None = None
+               ) -> web.Application:
+    app = web.Application(client_max_size=64 * 2**20)  # chat requests may carry images as data URLs
+
+    async def engine_client(app: web.Application):
         # No cap on connections (the engines' own limits apply); lines up to 8 MiB (prompt token ids).
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**22,
                                          auto_decompress=False) as client:
-            app.state.client = client
+            app[CLIENT] = client
             yield
 
-    app = FastAPI(title="disagg-conformance reference frontend", lifespan=lifespan)
+    app.cleanup_ctx.append(engine_client)
 
     def discovery_down() -> str | None:
         return watcher.unreachable() if watcher else None
 
-    @app.get("/health")
-    def health() -> Any:
+    async def health(request: web.Request) -> web.Response:
         if why := discovery_down():  # not ready: what it would serve may be dead
-            return JSONResponse({"status": "discovery unreachable", "detail": why, "models": []}, status_code=503)
-        return {"status": "ok", "models": manager.listed()}
+            return json_response({"status": "discovery unreachable", "detail": why, "models": []}, status=503)
+        return json_response({"status": "ok", "models": manager.listed()})
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "harness"}
-                                           for name in manager.listed()]}
+    async def models(request: web.Request) -> web.Response:
+        return json_response({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                          "owned_by": "harness"} for name in manager.listed()]})
 
-    async def serve(request: Request, chat: bool) -> Any:
+    async def serve(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            body = await request.json()
+            body = orjson.loads(await request.read())
         except ValueError:
             return error(400, "the request body is not JSON")
+        if not isinstance(body, dict):
+            return error(400, "the request body must be a JSON object")
         if why := discovery_down():
             return error(503, why, "service_unavailable")
         model = manager.get(body.get("model", ""))
@@ -94,7 +102,7 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
         if body.get("n", 1) != 1:
             return error(400, "n > 1 is not supported by this frontend")
         try:
-            prompt = await run_in_threadpool(prepare, model, body, chat, allow_remote_media)
+            prompt = await prepare_async(model, body, chat, allow_remote_media)
         except ValueError as exc:  # MediaError too: a bad image part is the client's error
             return error(400, str(exc))
         engine_body = {k: v for k, v in body.items() if k not in (CHAT_OWN_KEYS if chat else COMPLETION_OWN_KEYS)}
@@ -102,31 +110,75 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
             engine_body["max_tokens"] = body["max_completion_tokens"]
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
-            route, items = await model.engine.start(request.app.state.client, engine_body, prompt, request_id)
+            route, items = await model.engine.start(request.app[CLIENT], engine_body, prompt, request_id)
         except RoutingError as exc:
             return error(exc.status, str(exc), "engine_error")
         shape = ChatShape if chat else CompletionShape
         fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")),
                     bool(body.get("return_token_ids")))
-        if body.get("stream"):
-            return StreamingResponse(fmt.sse(items), media_type="text/event-stream", headers=route.headers())
-        folded = Folded()
-        async for item in items:
-            folded.add(item)
+        try:
+            if body.get("stream"):
+                return await stream(request, route.headers(), fmt.sse(items))
+            folded = Folded()
+            async for item in items:
+                folded.add(item)
+        finally:
+            # A client that left cancels this handler: closing the relay now (not at garbage
+            # collection) closes the engine stream, which aborts the decode request.
+            await items.aclose()
         if folded.error:
-            return JSONResponse({"error": {"message": folded.error, "type": "engine_error", "code": 502}},
-                                status_code=502, headers=route.headers())
-        return JSONResponse(fmt.response(folded), headers=route.headers())
+            return json_response({"error": {"message": folded.error, "type": "engine_error", "code": 502}},
+                                 status=502, headers=route.headers())
+        return json_response(fmt.response(folded), headers=route.headers())
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
+    async def completions(request: web.Request) -> web.StreamResponse:
         return await serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await serve(request, chat=True)
 
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     return app
+
+
+CLIENT = web.AppKey("engine_client", aiohttp.ClientSession)
+
+
+async def stream(request: web.Request, headers: dict[str, str], parts: AsyncIterator[bytes]) -> web.StreamResponse:
+    """SSE to the client. Parts are gathered until an empty one (the relay is about to wait for the
+    engine) and written together, so tokens that arrived together cost one write, not one each."""
+    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    gathered: list[bytes] = []
+    try:
+        async for part in parts:
+            if part:
+                gathered.append(part)
+            elif gathered:
+                await resp.write(b"".join(gathered))
+                gathered.clear()
+    finally:
+        await parts.aclose()
+    if gathered:
+        await resp.write(b"".join(gathered))
+    await resp.write_eof()
+    return resp
+
+
+# Prompts longer than this are tokenized off the event loop: a long one would stall every stream.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def prepare_async(model: ServedModel, body: dict, chat: bool, allow_remote_media: bool) -> Prompt:
+    """`prepare` on the event loop for a short text prompt (a thread hand-off would cost more than
+    it), in a worker thread for chat templates, images and long prompts."""
+    prompt = body.get("prompt")
+    if not chat and (not isinstance(prompt, str) or len(prompt) <= INLINE_TOKENIZE_CHARS):
+        return prepare(model, body, chat, allow_remote_media)
+    return await asyncio.get_running_loop().run_in_executor(None, prepare, model, body, chat, allow_remote_media)
 
 
 def prepare(model: ServedModel, body: dict, chat: bool, allow_remote_media: bool = False) -> Prompt:
@@ -165,10 +217,12 @@ class CompletionShape:
 
     async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
         async for item in items:
-            if item.is_error:
+            if item is FLUSH:
+                yield b""
+            elif item.is_error:
                 yield sse(item)
                 return  # the stream ends on an error, without [DONE]
-            if item.data is not None and (chunk := self.chunk(item.data)) is not None:
+            elif item.data is not None and (chunk := self.chunk(item.data)) is not None:
                 yield sse(Annotated(data=chunk))
         yield DONE
 
@@ -220,8 +274,8 @@ class Frontend:
         self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
                                     router=router)
         self.watcher = Watcher(store, self.manager.on_event, stale_after_s=stale_after_s)
-        self.server = BackgroundServer(create_app(self.manager, allow_remote_media, self.watcher), port=port,
-                                       name="frontend", lifespan="on")
+        self.server = BackgroundAiohttpServer(create_app(self.manager, allow_remote_media, self.watcher), port=port,
+                                              name="frontend")
 
     @property
     def url(self) -> str:

@@ -66,3 +66,7 @@ def sse(item: Annotated) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+# An item with no data that a relay yields when it has emitted everything the engine sent so far
+# and is about to wait: a writer sends what it has gathered in one write. Folding skips it.
+FLUSH = Annotated(event="flush")
