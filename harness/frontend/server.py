@@ -11,8 +11,8 @@ ids go to the routed engine. Routing decisions come back as `x-disagg-*` respons
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -108,7 +108,7 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
         engine_body = {k: v for k, v in body.items() if k not in (CHAT_OWN_KEYS if chat else COMPLETION_OWN_KEYS)}
         if chat and "max_completion_tokens" in body:
             engine_body["max_tokens"] = body["max_completion_tokens"]
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         try:
             route, items = await model.engine.start(request.app[CLIENT], engine_body, prompt, request_id)
         except RoutingError as exc:
@@ -206,14 +206,20 @@ class CompletionShape:
         self.created = int(time.time())
 
     def chunk(self, data: dict) -> dict | None:
+        """The client's chunk, made from the engine's in place (it is this request's own, parsed
+        for it alone): every streamed token passes here."""
         if not data.get("choices") and not (self.include_usage and data.get("usage")):
             return None
-        out = {k: v for k, v in data.items() if k not in ("kv_transfer_params", "ec_transfer_params")
-               and (self.token_ids or k != "prompt_token_ids")}
+        data.pop("kv_transfer_params", None)
+        data.pop("ec_transfer_params", None)
         if not self.token_ids:
-            out["choices"] = [{k: v for k, v in c.items() if k != "token_ids"} for c in out.get("choices") or []]
-        return {**out, "id": self.id, "model": self.model, "object": self.chunk_object,
-                **({} if self.include_usage else {"usage": None})}
+            data.pop("prompt_token_ids", None)
+            for choice in data.get("choices") or ():
+                choice.pop("token_ids", None)
+        data["id"], data["model"], data["object"] = self.id, self.model, self.chunk_object
+        if not self.include_usage:
+            data["usage"] = None
+        return data
 
     async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
         async for item in items:
