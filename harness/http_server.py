@@ -12,20 +12,41 @@ import time
 import uvicorn
 
 
-class BackgroundServer:
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "server", lifespan: str = "off"):
+class _BoundServer:
+    """A socket bound on 127.0.0.1 before any thread starts, so the URL is known at once."""
+
+    def __init__(self, host: str, port: int, name: str):
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
         self.name = name
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class BackgroundServer(_BoundServer):
+    """An ASGI app under uvicorn (the fake engines, metadata and artifact servers)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "server", lifespan: str = "off"):
+        super().__init__(host, port, name)
+        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
 
     def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
@@ -44,33 +65,19 @@ class BackgroundServer:
             self._thread.join(timeout=10)
         self._sock.close()
 
-    def __enter__(self):
-        return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class BackgroundAiohttpServer:
+class BackgroundAiohttpServer(_BoundServer):
     """An aiohttp application on its own event loop (uvloop where installed) in a background
     thread; the socket is bound first, as above. A client that disconnects cancels its handler
     (`handler_cancellation`), so a relay learns at once that nobody reads its stream."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "server"):
-        self.app, self.name = app, name
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
+        super().__init__(host, port, name)
+        self.app = app
         self._loop = None
         self._runner = None
         self._started = threading.Event()
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def _run(self) -> None:
         import asyncio
@@ -111,9 +118,3 @@ class BackgroundAiohttpServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         self._sock.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

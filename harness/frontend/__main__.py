@@ -32,7 +32,6 @@ def main() -> None:
                         "(default: one worker lease, %(default)s s): a worker may have died unseen meanwhile")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is too much
     frontend = Frontend(open_store(args.store), args.cache_root or default_cache_root(), port=args.port,
                         selection=args.selection, protocol=args.protocol, timeout_s=args.timeout,
                         allow_remote_media=args.allow_remote_media, stale_after_s=args.stale_after).start()
