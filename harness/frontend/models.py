@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from harness.discovery import Event, ModelEntry
 from harness.frontend.preprocessor import Preprocessor
@@ -37,8 +38,10 @@ class ServedModel:
 
 class ModelManager:
     def __init__(self, cache_root: str | Path, *, selection: str = "round_robin", protocol: str = "vllm",
-                 timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine):
+                 timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine,
+                 after_load: Callable[[], None] | None = None):
         self.resolver = Resolver(cache_root)
+        self.after_load = after_load  # called once a new model's preprocessor is loaded
         self.selection, self.protocol, self.timeout_s, self.router = selection, protocol, timeout_s, router
         self.models: dict[str, ServedModel] = {}
         self.rejections: list[str] = []
@@ -71,6 +74,8 @@ class ModelManager:
                                      timeout_s=self.timeout_s)
                 model = ServedModel(entry.name, engine, Preprocessor.load(resolved.card, self.resolver.cache_root))
                 self.models[entry.name] = model
+                if self.after_load:
+                    self.after_load()
             model.mdcsum_by_role.setdefault(role, card.mdcsum())
             model.roles[entry.key] = role
             model.engine.add(Instance(entry.key, entry.url, role, card.kv_cache_block_size or 16,

@@ -14,7 +14,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import orjson
@@ -276,9 +276,10 @@ class Frontend:
 
     def __init__(self, store: Store, cache_root: str | Path, *, port: int = 0, selection: str = "round_robin",
                  protocol: str = "vllm", timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine,
-                 allow_remote_media: bool = False, stale_after_s: float = DEFAULT_LEASE_S):
+                 allow_remote_media: bool = False, stale_after_s: float = DEFAULT_LEASE_S,
+                 after_load: Callable[[], None] | None = None):
         self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
-                                    router=router)
+                                    router=router, after_load=after_load)
         self.watcher = Watcher(store, self.manager.on_event, stale_after_s=stale_after_s)
         self.server = BackgroundAiohttpServer(create_app(self.manager, allow_remote_media, self.watcher), port=port,
                                               name="frontend")
