@@ -71,8 +71,8 @@ def make_cluster(tmp_path, tiny_model, store_url):
 
     def make(**kw) -> Cluster:
         store = f"{store_url}-{len(made)}" if store_url else None
-        c = Cluster(tmp_path / f"cluster{len(made)}", tiny_model, "tiny", block_size=32, lease_s=3.0, timeout_s=10,
-                    store=store, **kw)
+        c = Cluster(tmp_path / f"cluster{len(made)}", tiny_model, "tiny", block_size=32, store=store,
+                    **{"lease_s": 3.0, "timeout_s": 10, **kw})
         made.append(c.start())
         return c
 

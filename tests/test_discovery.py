@@ -37,12 +37,15 @@ def test_a_dead_workers_lease_expires_and_its_model_is_removed(cluster, fake_eng
     assert not cluster.store.entries(), "an expired lease must leave no entry behind"
 
 
-def test_a_health_check_that_times_out_on_a_loaded_host_does_not_let_the_lease_lapse(cluster, fake_engines, caplog):
-    """Lease 3 s: every other /health answers too late (2 s, past its 0.75 s timeout) and the next
-    one slowly (0.5 s). The renewal after the slow answer still lands inside the lease."""
-    decode = fake_engines("decode", health_delays_s=(2.0, 0.5))
+def test_a_health_check_that_times_out_on_a_loaded_host_does_not_let_the_lease_lapse(make_cluster, fake_engines,
+                                                                                     caplog):
+    """Lease 4 s: every other /health answers too late (2 s, past its 1 s timeout), the next one
+    after 0.2 s. The renewal after it lands 2.2 s into the lease. (Waiting a third of a lease after
+    each check, as the keepalive once did, it landed at 4.2 s: the lease had lapsed.)"""
+    cluster = make_cluster(lease_s=4.0)
+    decode = fake_engines("decode", health_delays_s=(2.0, 0.2))
     key = cluster.register(decode).entry.key
-    deadline, gaps = time.monotonic() + 7, []
+    deadline, gaps = time.monotonic() + 8, []
     with caplog.at_level(logging.WARNING, logger="harness.worker.registration"):
         while time.monotonic() < deadline:
             if key not in cluster.store.entries():
