@@ -202,7 +202,7 @@ class EtcdStore(Store):
         start = self.prefix.encode()
         end = start[:-1] + bytes([start[-1] + 1])
         # A read timeout: a watch opened while etcd was still starting can hang without ever
-        # answering, and a stalled stream looks like a quiet one. After WATCH_IDLE_S without a byte
+        # answering, and a stalled stream looks like a quiet one. After `idle_s` without a byte
         # the caller re-lists and watches again, which bounds how stale a view can get.
         resp = requests.post(self.client.get_url("/watch"), stream=True, timeout=(5, idle_s),
                              json={"create_request": {"key": b64(start), "range_end": b64(end)}})

@@ -213,3 +213,18 @@ def test_a_decode_that_refuses_the_request_leaves_no_load_behind(make_cluster, f
     engine = cluster.frontend.manager.models["tiny"].engine
     decode_key = engine.instances("decode")[0].key
     assert engine.load.get(decode_key, 0) == 0, "a failed open must not count as an open stream"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"not json", "the request body is not JSON"),
+    (b'{"model": "tiny", "prompt": "Hi",', "the request body is not JSON"),
+    (b'["a", "list"]', "the request body must be a JSON object"),
+])
+def test_a_body_that_is_not_a_json_object_is_a_400_that_says_so_and_reaches_no_engine(cluster, fake_engines, raw,
+                                                                                        message):
+    decode = fake_engines("decode")
+    serve(cluster, decode)
+    resp = requests.post(f"{cluster.url}/v1/completions", data=raw, headers={"Content-Type": "application/json"},
+                         timeout=10)
+    assert resp.status_code == 400 and message in resp.json()["error"]["message"], resp.text
+    assert decode.state.bodies == []

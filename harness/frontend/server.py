@@ -90,8 +90,8 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
     async def serve(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             body = orjson.loads(await request.read())
-        except ValueError:
-            return error(400, "the request body is not JSON")
+        except ValueError as exc:
+            return error(400, f"the request body is not JSON: {exc}")
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object")
         if why := discovery_down():
