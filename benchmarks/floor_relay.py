@@ -14,8 +14,7 @@ import argparse
 import aiohttp
 from aiohttp import web
 
-PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-              "remote_block_ids": None, "remote_host": None, "remote_port": None}
+from harness.frontend.router import PREFILL_KV_TRANSFER_PARAMS as PREFILL_KV  # the same ask as the frontend's
 
 
 def make_app(prefill: str, decode: str) -> web.Application:

@@ -155,12 +155,11 @@ class EtcdRecords(RecordSource):
         out = []
         mdc = "/".join(MDC_PREFIX) + "/"
         try:
-            found = self.store.client.get_prefix(mdc)
+            found = self.store.listing(mdc)
             harness_entries = self.store.entries()
         except Exception as exc:  # etcd3gw raises its own and requests' errors
             raise CardError(f"--discovery {self.url}: cannot read etcd: {type(exc).__name__}: {exc}") from None
-        for value, meta in sorted(found, key=lambda kv: kv[1]["key"]):
-            key = meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"]
+        for key, value in found:
             try:
                 obj = json.loads(value)
             except json.JSONDecodeError as exc:

@@ -77,6 +77,11 @@ class Store(abc.ABC):
     def entries(self) -> dict[str, ModelEntry]:
         """Live entries by key; expired leases are not live."""
 
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """Where the store is, as `--store` and `--discovery` take it."""
+
 
 class FileStore(Store):
     """The embedded default: `<dir>/<key>.json`, atomically replaced; expiry checked on read."""
@@ -152,10 +157,20 @@ class EtcdStore(Store):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme != "etcd" or not parsed.hostname or not parsed.port:
             raise ValueError(f"etcd store {url!r} must be etcd://HOST:PORT[/prefix]")
-        self.url = url
+        self._url = url
         self.prefix = (parsed.path.strip("/") or "disagg") + "/v1/entries/"
         self.client = etcd3gw.client(host=parsed.hostname, port=parsed.port, timeout=5)
         self._leases: dict[str, Any] = {}
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def listing(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every live (key, value) under `prefix`, keys as text, in key order."""
+        found = [(meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"], value)
+                 for value, meta in self.client.get_prefix(prefix)]
+        return sorted(found)
 
     def put(self, entry: ModelEntry, lease_s: float = DEFAULT_LEASE_S) -> None:
         lease = self.client.lease(ttl=max(2, int(round(lease_s))))
@@ -179,8 +194,7 @@ class EtcdStore(Store):
 
     def entries(self) -> dict[str, ModelEntry]:
         live = {}
-        for value, meta in self.client.get_prefix(self.prefix):
-            key = meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"]
+        for key, value in self.listing(self.prefix):
             try:
                 live[key[len(self.prefix):]] = ModelEntry.from_json(json.loads(value))
             except (ValueError, TypeError) as exc:
@@ -276,10 +290,6 @@ class Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="discovery-watcher", daemon=True)
 
-    @property
-    def store_name(self) -> str:
-        return str(getattr(self.store, "url", None) or getattr(self.store, "dir", None) or self.store)
-
     def unreachable(self) -> str | None:
         """Why the view must not be served (the store, for how long, its last error), or None.
 
@@ -289,7 +299,7 @@ class Watcher:
         age = time.monotonic() - self.confirmed_at
         if self._failure is None or self.stale_after_s is None or age <= self.stale_after_s:
             return None
-        return (f"discovery store {self.store_name} has not answered for {age:.0f} s, longer than one lease "
+        return (f"discovery store {self.store.url} has not answered for {age:.0f} s, longer than one lease "
                 f"({self.stale_after_s:.0f} s; last error {self._failure}): its workers are not served until it does")
 
     def poll_once(self) -> list[Event]:
@@ -311,7 +321,7 @@ class Watcher:
 
     def _store_failed(self, exc: Exception) -> None:
         """Keep the last view while it is younger than one lease; past that, drop it."""
-        log.debug("discovery store %s failed: %s", self.store_name, exc)
+        log.debug("discovery store %s failed: %s", self.store.url, exc)
         self._failure = f"{type(exc).__name__}: {str(exc)[:200]}"
         if self._known and (why := self.unreachable()):
             log.error("%s; dropping %d entries", why, len(self._known))
@@ -335,7 +345,7 @@ class Watcher:
                 for _ in self.store.changes(self._stop, idle_s=self.watch_idle_s):
                     self.poll_once()
             except Exception as exc:  # the watch timed out idle, or etcd is unreachable
-                log.debug("discovery watch on %s ended: %s", self.store_name, exc)
+                log.debug("discovery watch on %s ended: %s", self.store.url, exc)
                 if self._stop.wait(0.05):  # no hot loop when watching fails at once but listing works
                     return
             while not self._stop.is_set():
