@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,12 +27,19 @@ from harness.engines.launcher import EngineProcess, Progress, free_port, stderr_
 from harness.engines.profiles import EngineProfile
 
 KERNEL_GLOBS = ("*.so", "*.cubin", "*.hsaco")
-PHASES = {  # name -> pattern with one number, seconds, as vLLM 0.32 prints them
-    "weight_load": r"Loading weights took ([0-9.]+) s",
-    "model_init": r"Initializing model took ([0-9.]+) s",
-    "compile": r"torch\.compile takes ([0-9.]+) s in total",
-    "engine_init": r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s",
-    "graph_capture": r"Graph capturing finished in ([0-9.]+) sec",
+# name -> patterns in priority order, each with one number in seconds, as vLLM 0.32.0 prints them
+# (format strings read in its source: model_loader/default_loader.py, base_loader.py, v1/engine/core.py,
+# compilation/monitor.py, v1/worker/gpu_model_runner.py). The compile total is the init line's
+# "(compilation: X s)" where vLLM adds it; else the per-graph "torch.compile took X s in total" line
+# ("takes" before 0.11). vLLM CPU compiles inside the warm-up and prints neither: there the compile
+# cost is only visible inside engine_init.
+PHASES = {
+    "weight_load": (r"Loading weights took ([0-9.]+) s",),
+    "model_init": (r"Initializing model took ([0-9.]+) s",),
+    "compile": (r"init engine \(profile, create kv cache, warmup model\) took [0-9.]+ s \(compilation: ([0-9.]+) s",
+                r"torch\.compile (?:took|takes) ([0-9.]+) s in total"),
+    "engine_init": (r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s",),
+    "graph_capture": (r"(?<!Encoder )Graph capturing finished in ([0-9.]+) sec",),
 }
 
 
@@ -62,13 +70,17 @@ class CacheRoots:
             d.mkdir(parents=True, exist_ok=True)
         home = self.base / "home"  # caches keyed under HOME (~/.cache/...) must not make a cold start warm
         home.mkdir(exist_ok=True)
+        # DeepGEMM's JIT kernels go to DG_JIT_CACHE_DIR, which vLLM defaults to <vllm root>/deep_gemm only
+        # when it is unset: pinned there, so a value inherited from the host cannot take them out of
+        # the carried vLLM root.
         return {"VLLM_CACHE_ROOT": str(self.vllm), "TMPDIR": str(self.tmpdir), "TRITON_CACHE_DIR": str(self.triton),
-                "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+                "DG_JIT_CACHE_DIR": str(self.vllm / "deep_gemm"), "HOME": str(home),
+                "XDG_CACHE_HOME": str(home / ".cache")}
 
     def reuse_set(self) -> dict[str, Path]:
         """What must be carried for a start to reuse this one's work (SPEC §6), by artifact label:
-        vLLM's root (torch_compile_cache, modelinfos), inductor's dir under TMPDIR (the precompiled
-        header on CPU) and Triton's (GPU kernels; empty on CPU)."""
+        vLLM's root (torch_compile_cache, modelinfos, deep_gemm), inductor's dir under TMPDIR (the
+        precompiled header on CPU) and Triton's (GPU kernels; empty on CPU)."""
         return {"vllm": self.vllm, "inductor": self.inductor, "triton": self.triton}
 
     def kernels(self) -> set[str]:
@@ -99,10 +111,12 @@ class StartRun:
 def parse_phases(log_text: str) -> dict[str, float]:
     """The last value each phase printed (a start may print a phase once per worker)."""
     out = {}
-    for name, pattern in PHASES.items():
-        found = re.findall(pattern, log_text)
-        if found:
-            out[name] = float(found[-1])
+    for name, patterns in PHASES.items():
+        for pattern in patterns:
+            found = re.findall(pattern, log_text)
+            if found:
+                out[name] = float(found[-1])
+                break
     return out
 
 
@@ -164,8 +178,12 @@ def source_identity(python: str, profile: EngineProfile, model_dir: Path) -> dic
 
     probe = json.loads(subprocess.run([python, "-c", IDENTITY_PROBE], capture_output=True, text=True,
                                       timeout=300, check=True).stdout.strip().splitlines()[-1])
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return {"model": Path(model_dir).name, "architectures": config.get("architectures"), "engine": profile.engine,
+    raw = (Path(model_dir) / "config.json").read_bytes()
+    config = json.loads(raw)
+    # The dir's name alone would let two models under one name share a cache; the config is what
+    # vLLM's compile cache keys on (shapes, layers), so its hash is part of the identity.
+    return {"model": Path(model_dir).name, "model_config_sha256": hashlib.sha256(raw).hexdigest(),
+            "architectures": config.get("architectures"), "engine": profile.engine,
             "engine_version": probe.get(profile.engine), "torch": probe.get("torch"), "cuda": probe.get("cuda"),
             "triton": probe.get("triton"), "gpu_arch": probe.get("gpu_arch", "cpu"), "tp": 1, "pp": 1,
             "dtype": profile.dtype, "quantization": config.get("quantization_config", {}).get("quant_method")}
