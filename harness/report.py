@@ -115,14 +115,16 @@ def _request_tables(checks: list[dict[str, Any]]) -> list[str]:
             lines = ["", "## Per request", "",
                      "cached_tokens \"missing\" means the response had no prompt_tokens_details (counted as 0).", ""]
         lines += [f"### {_md_escape(c['name'])} ({c['outcome']})", "",
-                  "| # | image | cached_tokens | prompt tokens | image span (start, length) | worker | predicted blocks |",
-                  "|---:|---:|---:|---:|---|---|---:|"]
+                  "| # | image | cached_tokens | prompt tokens (engine / processor) | image span (start, length) | worker "
+                  "| predicted blocks |", "|---:|---:|---:|---:|---|---|---:|"]
         for i, r in enumerate(rows, 1):
             span = r.get("image_span") or {}
             span_text = f"{span['start']}, {span['length']}" if span else ""
             predicted = r.get("predicted_cached_blocks")
             image = "" if r.get("image") is None else r["image"] + 1
-            lines.append(f"| {i} | {image} | {r.get('cached_tokens')} | {r.get('prompt_tokens')} | {span_text} "
+            expanded = r.get("expanded_prompt_tokens")
+            prompt = f"{r.get('prompt_tokens')}" + ("" if expanded is None else f" / {expanded}")
+            lines.append(f"| {i} | {image} | {r.get('cached_tokens')} | {prompt} | {span_text} "
                          f"| {r.get('worker') or ''} | {'' if predicted is None else predicted} |")
         lines.append("")
     return lines

@@ -99,15 +99,16 @@ class MultimodalTarget:
             "model": self.model, "messages": messages(image, text), "max_tokens": max_tokens, "temperature": 0.0,
             **extra})
 
-    def image_span(self, image: bytes, text: str) -> MediaSpan | None:
-        """The span the model's processor gives this image in this prompt (None: no processor here)."""
+    def expanded(self, image: bytes, text: str) -> tuple[MediaSpan, int] | None:
+        """The span the model's processor gives this image in this prompt, and the prompt's length
+        with the image expanded into its placeholders (None: no processor here)."""
         if self.processor_dir is None:
             return None
         if self._processor is None:
             self._processor = Preprocessor.from_dir(self.model or "multimodal", self.processor_dir)
         msgs = messages(image, text)
         prompt = self._processor.prepare_chat(msgs, [decode("image", image)])
-        return prompt.media[0]
+        return prompt.media[0], len(prompt.token_ids)
 
     def prefix_hits(self) -> float | None:
         """Prompt tokens the prefix engines found in their caches so far (None: not exported)."""

@@ -19,8 +19,8 @@ from fixtures.tiny_llama import BASE_SENTENCES
 from harness import evidence as ev
 from harness.engines.metrics import Metrics, kv_sources
 from suites.disagg_checks import assert_kv_moved, need_kv_sources, warm_directly
-from suites.multimodal import (PREDICTED_BLOCKS, PREDICTED_HEADER, PREFILL_ACCESS, PREFIX_ENGINE_METRICS, MultimodalTarget,
-                               as_count, cached_tokens, image_bytes, messages)
+from suites.multimodal import (IMAGE_SPAN, PREDICTED_BLOCKS, PREDICTED_HEADER, PREFILL_ACCESS, PREFIX_ENGINE_METRICS,
+                               MultimodalTarget, as_count, cached_tokens, image_bytes, messages)
 
 pytestmark = [pytest.mark.spec("5"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.needs(ev.FRONTEND)]
@@ -42,16 +42,41 @@ def served(resp: requests.Response) -> requests.Response:
 def row(mm: MultimodalTarget, resp: requests.Response, image: bytes) -> dict:
     """What the report shows of one request."""
     usage = resp.json().get("usage") or {}
-    span = mm.image_span(image, TEXT)
+    span, expanded = mm.expanded(image, TEXT) or (None, None)
     predicted = resp.headers.get(PREDICTED_HEADER)
     return {"cached_tokens": cached_tokens(resp), "prompt_tokens": usage.get("prompt_tokens"),
+            "expanded_prompt_tokens": expanded,
             "image_span": {"start": span.start, "length": span.end - span.start} if span else None,
             "worker": resp.headers.get("x-disagg-prefill-worker") or resp.headers.get("x-disagg-decode-worker"),
             "predicted_cached_blocks": int(predicted) if predicted is not None else None,
             "block_size": int(resp.headers["x-disagg-block-size"]) if "x-disagg-block-size" in resp.headers else None}
 
 
+def assert_the_image_reached_the_engine(rows: list[dict]) -> None:
+    """The engine ran the image's placeholders: its prompt is as long as the model's processor makes
+    the request. A prompt short by about the span is one the image never entered (a frontend that
+    rendered the image part as nothing); its cached tokens are the text's, and say nothing about
+    the image. Half a span of slack leaves room for a template that differs by a few tokens."""
+    for r in rows:
+        span, expanded, ran = r["image_span"], r["expanded_prompt_tokens"], r["prompt_tokens"]
+        if span is None or expanded is None or ran is None:
+            continue
+        assert expanded - ran < span["length"] / 2, (
+            f"the engine ran a {ran}-token prompt where the model's processor makes this request {expanded} tokens, "
+            f"{span['length']} of them the image's placeholders: the image did not reach the engine as an image, so "
+            f"its cached tokens say nothing about the image {rows}")
+
+
 # ---- the checks, as functions: the planted-fault tests below run them against broken frontends
+
+
+def check_the_image_reaches_the_engine(mm: MultimodalTarget) -> list[dict]:
+    image = fresh_image()
+    rows = [row(mm, served(mm.chat(image, TEXT)), image)]
+    if rows[0]["prompt_tokens"] is None:
+        pytest.skip(f"needs usage.prompt_tokens in the response: {mm.frontend_url} reported none")
+    assert_the_image_reached_the_engine(rows)
+    return rows
 
 
 def check_every_repeat_hits(mm: MultimodalTarget) -> list[dict]:
@@ -63,6 +88,7 @@ def check_every_repeat_hits(mm: MultimodalTarget) -> list[dict]:
     for round_ in range(REPEATS):
         for n, image in enumerate(images):
             rows.append({"image": n, "round": round_ + 1, **row(mm, served(mm.chat(image, TEXT)), image)})
+    assert_the_image_reached_the_engine(rows)
     repeats = [r for r in rows if r["round"] > 1]
     misses = [(r["image"], r["round"]) for r in repeats if as_count(r["cached_tokens"]) < 1]
     assert not misses, (f"repeats (image, round) {misses} were not served from the prefix cache "
@@ -81,6 +107,7 @@ def check_different_image_misses(mm: MultimodalTarget) -> list[dict]:
     rows.append(row(mm, served(mm.chat(second, TEXT)), second))
     span, cached = rows[2]["image_span"], rows[2]["cached_tokens"]
     assert cached != "missing", f"the frontend reported no prompt_tokens_details: {rows}"
+    assert_the_image_reached_the_engine(rows)
     if span:
         assert cached <= span["start"], (
             f"a different image behind the same text got {cached} cached tokens, reaching into its image span "
@@ -133,6 +160,12 @@ def check_cached_tokens_are_the_engines(mm: MultimodalTarget) -> dict:
 
 
 # ---- the suite
+
+
+@pytest.mark.spec("5", "2.6", "R1")
+@pytest.mark.needs(IMAGE_SPAN)
+def test_the_engine_runs_the_images_placeholders(mm, record_property):
+    record_property("requests", check_the_image_reaches_the_engine(mm))
 
 
 def test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat(mm, record_property):
@@ -192,6 +225,21 @@ def caught(mm: MultimodalTarget, topology: str, fault: str, check, match: str) -
 def test_a_local_dir_without_preprocessor_config_json_is_caught(mm, record_property):
     record_property("caught", caught(mm, "kv-aggregated", "drop_preprocessor_config", check_every_repeat_hits,
                                      "preprocessor_config.json"))
+
+
+@pytest.mark.spec("R1")
+@pytest.mark.needs(ev.PLANTED_ROUTER)
+def test_a_frontend_that_drops_the_image_is_caught_even_where_repeats_hit(mm, record_property):
+    """Its repeats hit on the text alone, so only the prompt's length gives it away."""
+    if mm.topology != "kv-aggregated":
+        pytest.skip("shown on the kv-aggregated topology")
+    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted("drop_image"), "_processor": None})
+    caught = {}
+    for check in (check_the_image_reaches_the_engine, check_every_repeat_hits, check_different_image_misses):
+        with pytest.raises(AssertionError, match="did not reach the engine as an image") as failure:
+            check(broken)
+        caught[check.__name__] = str(failure.value)[:200]
+    record_property("caught", caught)
 
 
 @pytest.mark.spec("4.3")

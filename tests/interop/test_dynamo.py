@@ -19,6 +19,7 @@ import pytest
 from fixtures.dynamo import DynamoDeployment, Mocker
 from fixtures.multimodal import make_multimodal_model
 from fixtures.text_model import make_text_model
+from fixtures.tiny_vlm import make_tiny_vlm
 from fixtures.weights import add_weight_files
 
 DYNAMO_PYTHON = os.environ.get("DISAGG_DYNAMO_PYTHON")
@@ -105,6 +106,34 @@ def test_aggregated_dynamo_with_a_self_host_and_a_shared_storage_worker(models, 
                            "test_the_multimodal_processor_loads_from_every_multimodal_local_dir[acme_tiny-llava-aggregated]"}, out
     assert "preprocessor_config.json" in failed["test_local_dir_holds_every_metadata_sibling_of_its_source"
                                                 "[acme_tiny-llava-aggregated]"]
+
+
+def test_dynamo_mockers_serving_a_vlm_are_told_the_image_never_reached_the_engine(tmp_path):
+    """Fact found by running it: Dynamo 1.6.1's frontend, KV-routed over two mockers that serve the tiny
+    VLM, renders an image part as the template's one `<image>` token and sends token ids; the mocker
+    simulates its prefix cache on those alone. The engine runs 318 tokens where the model's processor
+    (read from Dynamo's own local_dir) makes 516, repeats hit on the text, and a different image rides
+    on the same blocks. The multimodal suite must say so, and not pass the repeat check on the text
+    alone (it did, before it compared the prompt's length with the processor's)."""
+    model = make_tiny_vlm(tmp_path / "tiny-vlm", weights=False)  # a mocker reads config and tokenizer only
+    mockers = [Mocker("vlm0", model, "acme/Tiny-VLM"), Mocker("vlm1", model, "acme/Tiny-VLM")]
+    with DynamoDeployment(DYNAMO_PYTHON, tmp_path / "dynamo", mockers, router_mode="kv",
+                          log_dir=tmp_path / "logs") as dynamo:
+        options = [f"--discovery={dynamo.discovery}", f"--cache-root={dynamo.cache_root}",
+                   f"--frontend-url={dynamo.url}", "--mm-model=acme/Tiny-VLM",
+                   *(f"--engine-url=aggregated={m.metrics_url}" for m in mockers)]
+        report, out = run_suites(options, tmp_path / "report", "suites/test_multimodal_cached_tokens.py")
+    checks = outcomes(report)
+    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+    assert set(failed) == {"test_the_engine_runs_the_images_placeholders[foreign]",
+                           "test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat[foreign]",
+                           "test_a_different_image_behind_the_same_text_does_not_ride_on_the_first_images_blocks"
+                           "[foreign]"}, out
+    for message in failed.values():
+        assert "did not reach the engine as an image" in message, message
+    vague = {k: c["message"] for k, c in checks.items()
+             if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
+    assert not vague, f"skips that do not name the missing evidence: {vague}"
 
 
 def test_disaggregated_dynamo_with_kv_routing(models, tmp_path):
