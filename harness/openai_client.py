@@ -162,6 +162,21 @@ def comparable_by(*endpoints: OpenAIEndpoint) -> str:
     return "token ids" if all(e.probe().returns_token_ids for e in endpoints) else "text"
 
 
+def serving_worker(response: requests.Response) -> str | None:
+    """The worker the frontend says computed the prompt: the harness's `x-disagg-prefill-worker`
+    (else `x-disagg-decode-worker`), or Dynamo's `nvext.worker_id` (its prefill worker). None when
+    the frontend does not say."""
+    named = response.headers.get("x-disagg-prefill-worker") or response.headers.get("x-disagg-decode-worker")
+    if named:
+        return named
+    try:
+        workers = (response.json().get("nvext") or {}).get("worker_id") or {}
+    except ValueError:
+        return None
+    worker = workers.get("prefill_worker_id", workers.get("decode_worker_id"))
+    return None if worker is None else str(worker)
+
+
 def routing_mode(response: requests.Response) -> str:
     """The frontend's reported routing decision: the `x-disagg-mode` header, else Dynamo's
     `nvext.worker_id` (prefill and decode on different workers is disaggregated, on one worker

@@ -30,6 +30,7 @@ from harness.engines.metrics import Metrics
 from harness.engines.profiles import EngineProfile
 from harness.frontend.media import decode
 from harness.frontend.preprocessor import MediaSpan, Preprocessor
+from harness.openai_client import OpenAIEndpoint
 
 SERVED_VLM = "tiny-vlm"
 PREDICTED_HEADER = "x-disagg-predicted-cached-blocks"
@@ -65,6 +66,11 @@ class MultimodalTarget:
     deployment: Deployment | None = None
     planted: Callable[[str], str] | None = None  # fault -> URL of a frontend with it, on the same engines
     _processor: Preprocessor | None = field(default=None, repr=False)
+    _endpoint: OpenAIEndpoint | None = field(default=None, repr=False)
+
+    def at(self, frontend_url: str) -> "MultimodalTarget":
+        """The same target behind another frontend (a planted one), with nothing cached from this one."""
+        return dataclasses.replace(self, frontend_url=frontend_url, _processor=None, _endpoint=None)
 
     def lacks(self, need: ev.Evidence) -> str | None:
         if need is ev.FRONTEND:
@@ -95,9 +101,11 @@ class MultimodalTarget:
     # ---- what the checks send and read
 
     def chat(self, image: bytes, text: str, max_tokens: int = 4, **extra: Any) -> requests.Response:
-        return requests.post(f"{self.frontend_url}/v1/chat/completions", timeout=180, json={
-            "model": self.model, "messages": messages(image, text), "max_tokens": max_tokens, "temperature": 0.0,
-            **extra})
+        """A greedy chat request in the frontend's probed dialect, so that a Dynamo frontend names its
+        worker (nvext.worker_id) and nothing it would reject is sent."""
+        if self._endpoint is None:
+            self._endpoint = OpenAIEndpoint(self.frontend_url, self.model, timeout_s=180)
+        return self._endpoint.chat(messages(image, text), max_tokens=max_tokens, **extra)
 
     def expanded(self, image: bytes, text: str) -> tuple[MediaSpan, int] | None:
         """The span the model's processor gives this image in this prompt, and the prompt's length

@@ -20,11 +20,13 @@ pytestmark = [pytest.mark.spec("5"), pytest.mark.engines, pytest.mark.xdist_grou
               pytest.mark.harness_code, pytest.mark.needs(ev.PLANTED_ROUTER)]
 ROOT = Path(__file__).resolve().parents[1]
 MUST_PASS = {
-    "kv-aggregated": ["test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat",
+    "kv-aggregated": ["test_the_engine_runs_the_images_placeholders",
+                      "test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat",
                       "test_a_different_image_behind_the_same_text_does_not_ride_on_the_first_images_blocks",
                       "test_the_routers_predicted_cached_blocks_agree_with_the_engines_cached_tokens",
                       "test_cached_tokens_are_the_serving_engines_own_prefix_hits"],
-    "disaggregated": ["test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat",
+    "disaggregated": ["test_the_engine_runs_the_images_placeholders",
+                      "test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat",
                       "test_a_different_image_behind_the_same_text_does_not_ride_on_the_first_images_blocks",
                       "test_cached_tokens_are_the_serving_engines_own_prefix_hits",
                       "test_an_image_request_through_disagg_moves_its_kv_and_matches_aggregated"],

@@ -18,6 +18,7 @@ import requests
 from fixtures.tiny_llama import BASE_SENTENCES
 from harness import evidence as ev
 from harness.engines.metrics import Metrics, kv_sources
+from harness.openai_client import serving_worker
 from suites.disagg_checks import assert_kv_moved, need_kv_sources, warm_directly
 from suites.multimodal import (IMAGE_SPAN, PREDICTED_BLOCKS, PREDICTED_HEADER, PREFILL_ACCESS, PREFIX_ENGINE_METRICS,
                                MultimodalTarget, as_count, cached_tokens, image_bytes, messages)
@@ -47,7 +48,7 @@ def row(mm: MultimodalTarget, resp: requests.Response, image: bytes) -> dict:
     return {"cached_tokens": cached_tokens(resp), "prompt_tokens": usage.get("prompt_tokens"),
             "expanded_prompt_tokens": expanded,
             "image_span": {"start": span.start, "length": span.end - span.start} if span else None,
-            "worker": resp.headers.get("x-disagg-prefill-worker") or resp.headers.get("x-disagg-decode-worker"),
+            "worker": serving_worker(resp),
             "predicted_cached_blocks": int(predicted) if predicted is not None else None,
             "block_size": int(resp.headers["x-disagg-block-size"]) if "x-disagg-block-size" in resp.headers else None}
 
@@ -214,7 +215,7 @@ def caught(mm: MultimodalTarget, topology: str, fault: str, check, match: str) -
     """Run `check` against a frontend with `fault` planted, on the same engines; it must fail."""
     if mm.topology != topology:
         pytest.skip(f"shown on the {topology} topology")
-    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted(fault), "_processor": None})
+    broken = mm.at(mm.planted(fault))
     with pytest.raises(AssertionError, match=match) as failure:
         check(broken)
     return str(failure.value).splitlines()[0]
@@ -233,7 +234,7 @@ def test_a_frontend_that_drops_the_image_is_caught_even_where_repeats_hit(mm, re
     """Its repeats hit on the text alone, so only the prompt's length gives it away."""
     if mm.topology != "kv-aggregated":
         pytest.skip("shown on the kv-aggregated topology")
-    broken = MultimodalTarget(**{**mm.__dict__, "frontend_url": mm.planted("drop_image"), "_processor": None})
+    broken = mm.at(mm.planted("drop_image"))
     caught = {}
     for check in (check_the_image_reaches_the_engine, check_every_repeat_hits, check_different_image_misses):
         with pytest.raises(AssertionError, match="did not reach the engine as an image") as failure:

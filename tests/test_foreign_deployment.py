@@ -17,7 +17,7 @@ from harness.card_sources import FileRecords, card_from_json, load_card_file, op
 from harness.engines.metrics import Metrics
 from harness.errors import CardError
 from harness.http_server import BackgroundServer
-from harness.openai_client import OpenAIEndpoint, output, routing_mode
+from harness.openai_client import OpenAIEndpoint, output, routing_mode, serving_worker
 from harness.worker.card_builder import build_card
 
 VLLM_SCRAPE = """\
@@ -182,6 +182,7 @@ def test_a_frontend_that_rejects_return_token_ids_is_asked_in_its_own_dialect():
         assert "return_token_ids" not in frontend.bodies[-1] and "nvext" in frontend.bodies[-1]
         assert output(resp, "token ids").value == [7]
         assert routing_mode(resp) == "disaggregated"
+        assert serving_worker(resp) == "1"  # the worker that computed the prompt: the prefill
 
 
 def test_a_missing_routing_header_is_unknown_not_a_mode():
@@ -192,3 +193,17 @@ def test_a_missing_routing_header_is_unknown_not_a_mode():
             return {"choices": [{"text": "x"}]}
 
     assert routing_mode(Response()) == "unknown"
+
+
+def test_a_frontend_that_names_no_worker_has_none_rather_than_a_guess():
+    class Response:
+        def __init__(self, headers: dict, body: dict):
+            self.headers, self.body = headers, body
+
+        def json(self):
+            return self.body
+
+    assert serving_worker(Response({}, {"choices": [{"text": "x"}]})) is None
+    assert serving_worker(Response({"x-disagg-decode-worker": "w-d"}, {})) == "w-d"
+    assert serving_worker(Response({"x-disagg-prefill-worker": "w-p", "x-disagg-decode-worker": "w-d"}, {})) == "w-p"
+    assert serving_worker(Response({}, {"nvext": {"worker_id": {"decode_worker_id": 9}}})) == "9"
