@@ -12,6 +12,7 @@ from a profile behind the reference frontend (`python -m harness up` does it for
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 import requests
 
 import harness
@@ -48,6 +50,30 @@ class CardUnderTest:
 def cards_from_records(records: list[CardRecord]) -> list[CardUnderTest]:
     return [CardUnderTest(label, r.card, source_dir(r.card), serving_mode(r.card), r.origin)
             for label, r in zip(unique_labels(records), records)]
+
+
+def holds_card_files(directory: Path, card: ModelCard) -> bool:
+    """Every checked file of `card` is in `directory` under its name, as a link to the blob named by
+    its checksum (the cache layout, SPEC §1.5) or as a file with that content."""
+    for _, file in card.checked_files():
+        entry = directory / file.name
+        if entry.is_symlink() and Path(os.readlink(entry)).name == file.checksum.hex:
+            continue
+        if not entry.is_file() or blake3.blake3(entry.read_bytes()).hexdigest() != file.checksum.hex:
+            return False
+    return True
+
+
+def frontend_local_dir(card: ModelCard, cache_root: Path) -> tuple[Path, bool]:
+    """Where the frontend keeps `card`'s files: its SPEC §1.4 local_dir when that exists; else the one
+    dir beside it (same slug) holding exactly this card's files, so that a frontend whose checksum
+    differs from the spec's is still checked on what it wrote (the naming check reports the
+    difference). The flag says whether the spec's path was the one found."""
+    spec_dir = card.local_dir(cache_root)
+    if spec_dir.is_dir() or not spec_dir.parent.is_dir():
+        return spec_dir, True
+    found = [d for d in sorted(spec_dir.parent.iterdir()) if d.is_dir() and holds_card_files(d, card)]
+    return (found[0], False) if len(found) == 1 else (spec_dir, True)
 
 
 def engine_version(url: str) -> str | None:
@@ -83,6 +109,10 @@ class Deployment:
         return self.kind == EMBEDDED
 
     # ---- cards
+
+    def local_dir(self, c: CardUnderTest) -> Path:
+        """The dir the frontend keeps this card's files in (see frontend_local_dir)."""
+        return frontend_local_dir(c.card, self.cache_root)[0]
 
     def card(self, label: str) -> CardUnderTest:
         for c in self.cards:

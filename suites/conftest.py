@@ -195,7 +195,7 @@ def foreign_multimodal(config: pytest.Config, foreign: Deployment) -> Multimodal
     cards = [c for c in foreign.cards if model and c.card.display_name == model]
     processor_dir = block_size = None
     if cards and foreign.cache_root:
-        processor_dir = cards[0].card.local_dir(foreign.cache_root)
+        processor_dir = foreign.local_dir(cards[0])
         block_size = cards[0].card.kv_cache_block_size
     return MultimodalTarget("foreign", foreign.frontend_url, model, "disaggregated" if prefills else "unknown",
                             prefix_engines=prefills or aggregated, decode_engine=decodes[0] if decodes else None,

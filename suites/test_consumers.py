@@ -24,7 +24,7 @@ def test_the_tokenizer_loads_from_every_local_dir(deployment, card_under_test):
 
     if card_under_test.card.slot("tokenizer") is None:
         pytest.skip(f"{card_under_test.label} has no tokenizer slot")
-    local_dir = card_under_test.card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(card_under_test)
     tok = AutoTokenizer.from_pretrained(str(local_dir), local_files_only=True)
     assert tok("Hello, world!")["input_ids"], "the tokenizer produced no ids"
 
@@ -35,7 +35,7 @@ def test_the_multimodal_processor_loads_from_every_multimodal_local_dir(deployme
 
     from transformers import AutoProcessor
 
-    local_dir = card_under_test.card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(card_under_test)
     config = json.loads((local_dir / "config.json").read_text()) if (local_dir / "config.json").exists() else {}
     if "vision_config" not in config:
         pytest.skip(f"{card_under_test.label} is not a multimodal model (its config.json has no vision_config)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.card import hash_file
+from harness.deployment import frontend_local_dir
 from harness.harvest import is_weight_file
 from harness.resolve.blobs import PARTIAL_PREFIX
 
@@ -34,11 +35,15 @@ def test_local_dir_is_by_slug_slug_mdcsum(deployment, card_under_test):
     card = card_under_test.card
     local_dir = card.local_dir(deployment.cache_root)
     assert local_dir == deployment.cache_root / "by-slug" / card.slug / card.mdcsum()
+    found, at_spec_path = frontend_local_dir(card, deployment.cache_root)
+    assert at_spec_path, (
+        f"{card.display_name}: the frontend keeps this card's files in {found}, not under its SPEC §1.4 mdcsum "
+        f"{card.mdcsum()}: the frontend's checksum of the card differs from the spec's")
     assert local_dir.is_dir(), f"{card.display_name}: local_dir {local_dir} was not created by the frontend"
 
 
 def test_local_dir_holds_only_absolute_symlinks_that_resolve(deployment, card_under_test):
-    local_dir = card_under_test.card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(card_under_test)
     entries = sorted(local_dir.iterdir())
     assert entries
     for entry in entries:
@@ -51,7 +56,7 @@ def test_local_dir_holds_only_absolute_symlinks_that_resolve(deployment, card_un
 @pytest.mark.spec("2.2", "1.2")
 def test_every_checked_file_links_to_the_blob_named_by_its_checksum(deployment, card_under_test):
     card = card_under_test.card
-    local_dir = card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(card_under_test)
     for key, file in card.checked_files():
         link = local_dir / file.name
         assert link.is_symlink(), f"{key} file {file.name} is missing from {local_dir}"
@@ -61,7 +66,7 @@ def test_every_checked_file_links_to_the_blob_named_by_its_checksum(deployment, 
 
 @pytest.mark.spec("2.4", "R2")
 def test_no_weight_file_reaches_local_dir(deployment, card_under_test):
-    local_dir = card_under_test.card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(card_under_test)
     weights = [p.name for p in local_dir.iterdir() if is_weight_file(p.name)]
     assert not weights, f"weight files in the metadata cache: {weights}"
 
@@ -72,7 +77,7 @@ def test_local_dir_holds_every_metadata_sibling_of_its_source(deployment, card_u
     source = card_under_test.source_dir
     if source is None or not source.is_dir():
         pytest.skip(f"the source dir of {card_under_test.label} is not visible from here")
-    local_dir = card_under_test.card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(card_under_test)
     expected = {p.name for p in source.iterdir() if p.is_file() and not is_weight_file(p.name)}
     if card_under_test.mode == "self-host":  # the worker drops docs and dotfiles from extra_files
         expected = {n for n in expected if n != "README.md" and not n.startswith(".")}
@@ -85,7 +90,7 @@ def test_prefill_and_decode_cards_of_one_name_get_different_local_dirs(deploymen
     by_name: dict[str, dict[str, Path]] = {}
     for c in deployment.cards:
         role = c.card.worker_type.value if c.card.worker_type else "aggregated"
-        by_name.setdefault(c.card.display_name, {})[role] = c.card.local_dir(deployment.cache_root)
+        by_name.setdefault(c.card.display_name, {})[role] = deployment.local_dir(c)
     pairs = {name: dirs for name, dirs in by_name.items() if {"prefill", "decode"} <= set(dirs)}
     if not pairs:
         pytest.skip(f"needs a prefill and a decode card of one model; the cards are {sorted(by_name)} with roles "

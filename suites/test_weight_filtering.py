@@ -58,7 +58,7 @@ def test_the_worker_filter_is_as_wide_as_the_frontend_filter(card_under_test):
 
 @pytest.mark.spec("2.5", "R2")
 def test_every_self_host_entry_is_a_verified_blob_and_none_is_a_weight(deployment, card_under_test):
-    local_dir = self_host(card_under_test).card.local_dir(deployment.cache_root)
+    local_dir = deployment.local_dir(self_host(card_under_test))
     for entry in local_dir.iterdir():
         target = Path(os.readlink(entry))
         assert target.parent == deployment.cache_root / "blobs", f"{entry.name} is not a blob in self-host mode"

@@ -6,6 +6,7 @@ is sent. Record and metric shapes are the ones Dynamo 1.6.1 produced on this mac
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.parse
 
 import pytest
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from fixtures.text_model import make_text_model
 from harness.card_sources import FileRecords, card_from_json, load_card_file, open_records, serving_mode, unique_labels
+from harness.deployment import frontend_local_dir
 from harness.engines.metrics import Metrics
 from harness.errors import CardError
 from harness.http_server import BackgroundServer
@@ -207,3 +209,34 @@ def test_a_frontend_that_names_no_worker_has_none_rather_than_a_guess():
     assert serving_worker(Response({"x-disagg-decode-worker": "w-d"}, {})) == "w-d"
     assert serving_worker(Response({"x-disagg-prefill-worker": "w-p", "x-disagg-decode-worker": "w-d"}, {})) == "w-p"
     assert serving_worker(Response({}, {"nvext": {"worker_id": {"decode_worker_id": 9}}})) == "9"
+
+
+def resolved(card, cache_root):
+    from harness.resolve.resolver import resolve_card
+
+    return resolve_card(card, cache_root, model_path=None).local_dir
+
+
+def test_the_local_dir_is_the_specs_path_when_the_frontend_used_it(tmp_path, card):
+    local_dir = resolved(card, tmp_path / "cache")
+    assert frontend_local_dir(card, tmp_path / "cache") == (local_dir, True)
+
+
+def test_a_frontend_that_names_the_dir_otherwise_is_still_checked_on_what_it_wrote(tmp_path, card):
+    """Dynamo 1.6.1 puts a vLLM worker's card under a checksum that differs from SPEC §1.4's: the
+    content checks look at the dir that holds exactly the card's files; the naming check reports it."""
+    spec_dir = resolved(card, tmp_path / "cache")
+    theirs = spec_dir.with_name("0" * 64)
+    spec_dir.rename(theirs)
+    other = spec_dir.with_name("1" * 64)  # another card's dir beside it: one of its files differs
+    shutil.copytree(theirs, other, symlinks=True)
+    (other / "config.json").unlink()
+    (other / "config.json").write_text("{}")
+    assert frontend_local_dir(card, tmp_path / "cache") == (theirs, False)
+
+
+def test_without_a_dir_holding_the_cards_files_the_specs_path_stands(tmp_path, card):
+    spec_dir = resolved(card, tmp_path / "cache")
+    (spec_dir / "config.json").unlink()
+    spec_dir.rename(spec_dir.with_name("0" * 64))
+    assert frontend_local_dir(card, tmp_path / "cache") == (spec_dir, True)

