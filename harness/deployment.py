@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
 import requests
 
 import harness
 from harness import evidence as ev
-from harness.card import ModelCard
+from harness.card import ModelCard, hash_file
 from harness.card_sources import CardRecord, serving_mode, source_dir, unique_labels
 from harness.engines.launcher import Progress, stderr_progress
 from harness.engines.profiles import ROLES, EngineProfile
@@ -59,14 +58,14 @@ def holds_card_files(directory: Path, card: ModelCard) -> bool:
         entry = directory / file.name
         if entry.is_symlink() and Path(os.readlink(entry)).name == file.checksum.hex:
             continue
-        if not entry.is_file() or blake3.blake3(entry.read_bytes()).hexdigest() != file.checksum.hex:
+        if not entry.is_file() or hash_file(entry) != file.checksum.hex:
             return False
     return True
 
 
 def frontend_local_dir(card: ModelCard, cache_root: Path) -> tuple[Path, bool]:
     """Where the frontend keeps `card`'s files: its SPEC §1.4 local_dir when that exists; else the one
-    dir beside it (same slug) holding exactly this card's files, so that a frontend whose checksum
+    dir beside it (same slug) that holds every checked file of this card, so that a frontend whose checksum
     differs from the spec's is still checked on what it wrote (the naming check reports the
     difference). The flag says whether the spec's path was the one found."""
     spec_dir = card.local_dir(cache_root)
