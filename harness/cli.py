@@ -132,6 +132,15 @@ def _artifact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    """Several conformance reports as one table: a row per check, a column per deployment."""
+    from harness.matrix import named_sources, write_matrix
+
+    for path in write_matrix(named_sources(args.reports, args.name), args.out_dir):
+        print(path)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -186,6 +195,14 @@ def parser() -> argparse.ArgumentParser:
     ai.add_argument("--identity", default=None, help="JSON file: this host's identity (default: accept any)")
     ai.add_argument("--state-dir", required=True, help="where the per-host lock and markers live")
     a.set_defaults(func=_artifact)
+
+    m = sub.add_parser("matrix", help="conformance reports side by side: a row per check, a column per deployment "
+                                      "-> DIR/matrix.json and DIR/matrix.md")
+    m.add_argument("reports", nargs="*", metavar="REPORT.json", help="conformance.json files (build_report's)")
+    m.add_argument("--name", action="append", default=[], metavar="LABEL=REPORT.json",
+                   help="label a report's column(s) (repeatable); a report not given positionally is added")
+    m.add_argument("--out-dir", default="reports", help="where matrix.json/.md are written (default reports)")
+    m.set_defaults(func=_matrix)
     return p
 
 

@@ -28,6 +28,7 @@ from harness.card import ModelCard, hash_file
 from harness.card_sources import CardRecord, serving_mode, source_dir, unique_labels
 from harness.engines.launcher import Progress, stderr_progress
 from harness.engines.profiles import ROLES, EngineProfile
+from harness.interposer import InterposedEngine, Interposer, handle
 from harness.openai_client import MODE_HEADER, OpenAIEndpoint
 
 EMBEDDED = "embedded"
@@ -82,6 +83,23 @@ def engine_version(url: str) -> str | None:
         return None
 
 
+INTERPOSED_ROLES = ("prefill", "decode")
+
+
+@dataclass
+class InterposedWorker:
+    """An engine as its router sees it: the interposer's URL, the engine's name and role. The
+    embedded frontend is given these, so the suite sees what it sends each engine as it would
+    for any router."""
+
+    engine: Any
+    interposer: Interposer
+
+    name = property(lambda self: self.engine.name)
+    role = property(lambda self: self.engine.role)
+    url = property(lambda self: self.interposer.url)
+
+
 @dataclass
 class Deployment:
     kind: str  # embedded | foreign
@@ -100,6 +118,9 @@ class Deployment:
     launcher: str = "auto"
     extra_env: dict[str, str] = field(default_factory=dict)
     store_server: Any = None  # an etcd this run started for the embedded deployment: what stops and restarts it
+    interposed: dict[str, InterposedEngine] = field(default_factory=dict)  # role -> the relay in front of it
+    frontend_command: list[str] | None = None  # --frontend-cmd, as started
+    _interposers: dict[str, Interposer] = field(default_factory=dict, repr=False)  # the relays this run started
     _endpoints: dict[str, OpenAIEndpoint] = field(default_factory=dict, repr=False)
     _versions: dict[str, str | None] = field(default_factory=dict, repr=False)
 
@@ -157,6 +178,9 @@ class Deployment:
         if need is ev.STORE_CONTROL:
             return None if self.cluster is not None and self.store_server is not None else need.lacking(
                 f"this one registers in {self.discovery}")
+        if need is ev.INTERPOSED:
+            missing = [r for r in INTERPOSED_ROLES if r not in self.interposed]
+            return None if not missing else need.lacking(f"no relay in front of the {' and '.join(missing)} engine")
         if need is ev.AGGREGATED_REFERENCE:
             return None if self.has("aggregated") else need.lacking()
         if need.key.startswith("metrics:"):
@@ -186,12 +210,15 @@ class Deployment:
             frontend = {"name": "harness", "version": harness.__version__, "url": self.frontend_url,
                         "role": "reference frontend" if self.frontend_url else "reference resolver (embedded)"}
         else:
-            frontend = {"name": "foreign", "version": None, "role": "user-supplied frontend", "url": self.frontend_url}
+            frontend = {"name": "foreign", "version": None, "role": "user-supplied frontend", "url": self.frontend_url,
+                        "command": " ".join(self.frontend_command) if self.frontend_command else None}
         probed = self._endpoints.get("frontend")
         return {
             "kind": self.kind, "profile": self.profile.name if self.profile else None, "frontend": frontend,
             "model": self.model, "engines": engines, "discovery": self.discovery,
             "cache_root": str(self.cache_root) if self.cache_root else None,
+            "interposed": {role: {"url": i.url, "upstream": i.upstream, "control_url": i.control_url}
+                           for role, i in self.interposed.items()},
             "frontend_returns_token_ids": probed.returns_token_ids if probed else None,
             "frontend_dialect": probed.dialect if probed else None,
             "cards": [{"label": c.label, "display_name": c.card.display_name, "mode": c.mode,
@@ -229,9 +256,24 @@ class Deployment:
         for engine in started.values():
             engine.wait_healthy(self.profile.startup_timeout_s, progress)
         for role, engine in started.items():
-            if role != "aggregated":
+            if role in INTERPOSED_ROLES:
+                self.cluster.register(InterposedWorker(engine, self.interpose(role, engine.url)))
+            elif role != "aggregated":
                 self.cluster.register(engine)
         self.cluster.wait_for_roles({r for r in self.engines if r != "aggregated"}, timeout_s=60)
+
+    def interpose(self, role: str, engine_url: str) -> Interposer:
+        """A relay of this run's in front of `role`'s engine (the one before it, if any, is stopped)."""
+        if (old := self._interposers.pop(role, None)) is not None:
+            old.stop()
+        self._interposers[role] = Interposer(role, engine_url).start()
+        self.interposed[role] = handle(self._interposers[role])
+        return self._interposers[role]
+
+    def stop_interposers(self) -> None:
+        for role in list(self._interposers):
+            self._interposers.pop(role).stop()
+            self.interposed.pop(role, None)
 
     def stop_role(self, role: str) -> None:
         """A clean stop: the worker deregisters, then its engine's process group is stopped."""
@@ -265,14 +307,17 @@ class Deployment:
         self.store_server.start()
 
     def stop(self) -> None:
-        """Stop what this deployment started; a foreign deployment's parts are not ours to stop."""
+        """Stop what this deployment started; a foreign deployment's parts are not ours to stop (its
+        relays in front of them are)."""
         if not self.embedded:
+            self.stop_interposers()
             return
         for role in list(self.engines):
             self.engines.pop(role).stop()
         if self.cluster:
             self.cluster.stop()
             self.cluster = None  # stopped once: a second stop() (the multimodal checks' and the fixture's) is a no-op
+        self.stop_interposers()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None

@@ -48,6 +48,10 @@ STORE_CONTROL = Evidence("store_control", "the power to stop and restart the dep
 ENGINE_OPENAI = Evidence("engine_openai", "an engine's own OpenAI server, to warm its prefix cache without the frontend",
                          "give --engine-url ROLE=URL of the engine's OpenAI server (a Dynamo worker's DYN_SYSTEM_PORT "
                          "serves /metrics only)")
+INTERPOSED = Evidence("interposed", "the suite's own relays between the router and its prefill and decode engines "
+                      "(what the router sent each engine; a broken worker on command)",
+                      "give --frontend-cmd TEMPLATE (the suite starts the router in front of its relays), or run "
+                      "`python -m harness interpose` and give --interposed ROLE=CONTROL_URL")
 
 
 def engine_metrics(role: str) -> Evidence:

@@ -42,8 +42,16 @@ def served_models(url: str, timeout: float = 10.0) -> list[str]:
 
 
 def choose_model(url: str, model: str | None) -> str:
-    """The served model to test: the one asked for, which must be listed, or the only one listed."""
-    models = served_models(url)
+    """The served model to test: the one asked for, or the only one `/v1/models` lists.
+
+    A frontend that lists no models (vLLM's example P/D proxy serves no `/v1/models`) is still
+    checked when `--model` names the model; a listing that exists and leaves it out is an error."""
+    try:
+        models = served_models(url)
+    except EndpointError as exc:
+        if model is not None:
+            return model
+        raise EndpointError(f"{exc}; give --model NAME, the model to test") from None
     if model is not None:
         if model not in models:
             raise EndpointError(f"model {model!r} is not served at {url} (its /v1/models lists {models}); "

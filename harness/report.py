@@ -2,6 +2,11 @@
 
 It says where the numbers came from (deployment, machine, commit) and, for every check, its
 outcome, duration and the SPEC sections it covers.
+
+A profile this host cannot run (no GPU, its engine not installed) skips every one of its checks
+with the same reason. The JSON keeps each of those checks and lists the profiles under
+`unavailable_profiles`; the Markdown page gives each such profile one row, so the checks that
+did run are not lost among dozens of identical skips.
 """
 
 from __future__ import annotations
@@ -10,11 +15,44 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+
+# The skips of suites/conftest.py's `disagg` and `mm` fixtures when a profile cannot run here.
+_UNAVAILABLE = re.compile(r"profile (?P<profile>[\w.-]+)(?: needs a GPU host|: .*?"
+                          r"\b(?:is not installed|needs? (?:vllm|sglang) for)\b)")
+
+
+def skip_reason(message: str | None) -> str:
+    """A skip's message without the `Skipped: ` pytest puts in front of it."""
+    return (message or "").removeprefix("Skipped: ").strip()
+
+
+def profile_unavailable(check: dict[str, Any]) -> tuple[str, str] | None:
+    """(profile, reason) when the check skipped because its profile cannot run on this host."""
+    if check.get("outcome") != "skipped":
+        return None
+    reason = skip_reason(check.get("message"))
+    match = _UNAVAILABLE.match(reason)
+    return (match["profile"], reason) if match else None
+
+
+def unavailable_profiles(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each profile that could not run here: how many checks it skipped, and why (distinct reasons)."""
+    found: dict[str, dict[str, Any]] = {}
+    for check in checks:
+        hit = profile_unavailable(check)
+        if hit:
+            entry = found.setdefault(hit[0], {"profile": hit[0], "checks": 0, "reasons": []})
+            entry["checks"] += 1
+            if hit[1] not in entry["reasons"]:
+                entry["reasons"].append(hit[1])
+    return [{"profile": e["profile"], "checks": e["checks"], "reason": "; ".join(e["reasons"])}
+            for e in found.values()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -50,6 +88,7 @@ def build_report(deployment: dict[str, Any], checks: list[dict[str, Any]], root:
         "machine": machine_info(),
         "commit": commit_info(root),
         "summary": {k: v for k, v in summary.items() if v} | {"total": len(checks)},
+        "unavailable_profiles": unavailable_profiles(sorted(checks, key=lambda c: c["id"])),
         "checks": sorted(checks, key=lambda c: c["id"]),
     }
 
@@ -81,14 +120,21 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- Deployment: **{d.get('kind')}**, frontend `{(d.get('frontend') or {}).get('name')}`"
              f" {(d.get('frontend') or {}).get('version') or ''}",
              f"- Cache root: `{d.get('cache_root')}`",
+             *([f"- Serving deployments: {_md_escape(', '.join(s['label'] for s in d['deployments']))}"]
+               if d.get("deployments") else []),
              f"- Generated: {report['generated_at']} on {report['machine']['node']}"
              f" ({report['machine']['cpu_count']} cores), commit `{(report['commit'].get('id') or '?')[:12]}`"
              f"{' (dirty)' if report['commit'].get('dirty') else ''}",
-             "- Summary: " + ", ".join(f"{v} {k}" for k, v in report["summary"].items()), ""]
+             "- Summary: " + ", ".join(f"{v} {k}" for k, v in report["summary"].items())]
+    not_run = unavailable_profiles(report["checks"])
+    if not_run:
+        lines.append("- Profiles this host cannot run (their checks skipped, one row each below): "
+                     + ", ".join(f"{u['profile']} ({u['checks']} checks)" for u in not_run))
+    lines.append("")
     if d.get("engines"):
-        lines += ["## Engines", "", "| name | role | url | version |", "|---|---|---|---|"]
-        lines += [f"| {e['name']} | {e['role']} | {e.get('url') or ''} | {e.get('version') or ''} |"
-                  for e in d["engines"]]
+        lines += ["## Engines", "", "| name | role | deployment | url | version |", "|---|---|---|---|---|"]
+        lines += [f"| {e['name']} | {e['role']} | {_md_escape(', '.join(e.get('deployments') or []))} "
+                  f"| {e.get('url') or ''} | {e.get('version') or ''} |" for e in d["engines"]]
         lines.append("")
     lines += ["## By SPEC section", "", "| section | " + " | ".join(OUTCOMES) + " |",
               "|---|" + "---:|" * len(OUTCOMES)]
@@ -97,11 +143,31 @@ def render_markdown(report: dict[str, Any]) -> str:
         counts = [sum(1 for c in report["checks"] if section in c["spec"] and c["outcome"] == o) for o in OUTCOMES]
         lines.append(f"| {section} | " + " | ".join(str(n) if n else "" for n in counts) + " |")
     lines += ["", "## Checks", "", "| outcome | check | SPEC | seconds | note |", "|---|---|---|---:|---|"]
-    for c in report["checks"]:
-        note = c.get("message") or _properties_note(c.get("properties") or {})
-        lines.append(f"| {c['outcome']} | {_md_escape(c['name'])} | {', '.join(c['spec'])} "
-                     f"| {c['duration_s']:.3f} | {_md_escape(note)[:200]} |")
+    lines += _check_rows(report["checks"])
     return "\n".join(lines + _request_tables(report["checks"])) + "\n"
+
+
+def _check_rows(checks: list[dict[str, Any]]) -> list[str]:
+    """A row per check; the checks of a profile this host cannot run, one row for the profile."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in checks:
+        hit = profile_unavailable(c)
+        if hit:
+            groups.setdefault(hit[0], []).append(c)
+    reasons = {u["profile"]: u["reason"] for u in unavailable_profiles(checks)}
+    rows = []
+    for c in checks:
+        hit = profile_unavailable(c)
+        if hit is None:
+            note = c.get("message") or _properties_note(c.get("properties") or {})
+            rows.append(f"| {c['outcome']} | {_md_escape(c['name'])} | {', '.join(c['spec'])} "
+                        f"| {c['duration_s']:.3f} | {_md_escape(note)[:200]} |")
+        elif c is groups[hit[0]][0]:  # the profile's row stands where its first check would
+            group = groups[hit[0]]
+            spec = sorted({s for g in group for s in g["spec"]}, key=_section_key)
+            rows.append(f"| skipped | profile {hit[0]}: {len(group)} checks | {', '.join(spec)} "
+                        f"| {sum(g['duration_s'] for g in group):.3f} | {_md_escape(reasons[hit[0]])[:300]} |")
+    return rows
 
 
 def _request_tables(checks: list[dict[str, Any]]) -> list[str]:

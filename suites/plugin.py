@@ -40,6 +40,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "host without enough GPUs")
     group.addoption("--frontend-url", metavar="URL", default=None,
                     help="check this running frontend instead of starting the harness's own")
+    group.addoption("--frontend-cmd", metavar="TEMPLATE", default=None,
+                    help="start the router under test with this command and check it: the suite fills in {host}, "
+                         "{port} (its own), {metrics_port} (a free port for its metrics server), {prefill_url}, {decode_url}, {prefill_host}, {prefill_port}, "
+                         "{decode_host}, {decode_port} with relays of its own in front of the engines (the embedded "
+                         "real engines, or --engine-url's), and stops it by process group. E.g. 'vllm-router "
+                         "--vllm-pd-disaggregation --prefill {prefill_url} --decode {decode_url} --host {host} "
+                         "--port {port}'")
+    group.addoption("--interposed", metavar="ROLE=CONTROL_URL", action="append", default=[],
+                    help="with --frontend-url: the control URL of a relay `python -m harness interpose` runs in front "
+                         "of the router's ROLE engine (prefill, decode); repeatable")
     group.addoption("--model", metavar="NAME", default=None,
                     help="with --frontend-url: the served model to test (default: the only one it lists)")
     group.addoption("--mm-model", metavar="NAME", default=None,
@@ -74,10 +84,17 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "it resolved with --discovery URL or --card FILE")
     if config.getoption("namespace") and not config.getoption("discovery"):
         raise pytest.UsageError("--namespace needs --discovery")
-    if config.getoption("engine_url") and not config.getoption("frontend_url"):
-        raise pytest.UsageError("--engine-url needs --frontend-url: the frontend those engines serve")
+    frontend_cmd = config.getoption("frontend_cmd")
+    if frontend_cmd and config.getoption("frontend_url"):
+        raise pytest.UsageError("--frontend-cmd starts the router under test; --frontend-url checks one already "
+                                "running: give one of them")
+    if config.getoption("engine_url") and not (config.getoption("frontend_url") or frontend_cmd):
+        raise pytest.UsageError("--engine-url needs --frontend-url (the frontend those engines serve) or "
+                                "--frontend-cmd (a router the suite starts in front of them)")
+    if config.getoption("interposed") and not config.getoption("frontend_url"):
+        raise pytest.UsageError("--interposed needs --frontend-url: the router that was given the relays' URLs")
     stores = embedded_stores(config)
-    if stores != ["files"] and (cards or config.getoption("frontend_url")):
+    if stores != ["files"] and (cards or config.getoption("frontend_url") or frontend_cmd):
         raise pytest.UsageError("--embedded-store sets up the embedded deployment; a running cluster's own store is "
                                 "read with --discovery etcd://HOST:PORT")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; fail fast instead of retrying
@@ -121,7 +138,7 @@ def _check_name(nodeid: str) -> str:
 
 def fallback_deployment(config: pytest.Config) -> dict:
     """The deployment as the options describe it, for runs where no check reported one."""
-    foreign = any(config.getoption(o) for o in ("card", "discovery", "frontend_url"))
+    foreign = any(config.getoption(o) for o in ("card", "discovery", "frontend_url", "frontend_cmd"))
     frontend = ({"name": "foreign", "url": config.getoption("frontend_url")} if foreign else
                 {"name": "harness", "version": harness.__version__, "url": None})
     return {"kind": "foreign" if foreign else "embedded", "frontend": frontend, "engines": [],
@@ -134,7 +151,9 @@ class ConformanceReporter:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.checks: dict[str, dict] = {}
-        self.deployments: dict[str, dict] = {}  # by kind of description: the cache's, the serving one's
+        self.deployments: dict[str, dict] = {}  # by kind of description: the cache's, the last serving one's
+        self.serving: dict[tuple, dict] = {}  # every serving deployment a check used, in the order first seen
+        self.engines: dict[tuple, dict] = {}  # every engine those had, by url and name (a restarted one twice)
         self.paths: tuple[Path, Path] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -150,7 +169,11 @@ class ConformanceReporter:
         check["properties"].update({k: v for k, v in props.items() if k not in NOT_PROPERTIES})
         if DEPLOYMENT_KEY in props:
             described = props[DEPLOYMENT_KEY]
-            self.deployments["serving" if described.get("frontend", {}).get("url") else "cache"] = described
+            serving = bool((described.get("frontend") or {}).get("url"))
+            self.deployments["serving" if serving else "cache"] = described
+            if serving:
+                self.serving[_serving_key(described)] = _serving_summary(described)
+                add_engines(self.engines, described)
         if report.skipped:
             if hasattr(report, "wasxfail"):
                 check["outcome"] = "xfailed"
@@ -166,12 +189,15 @@ class ConformanceReporter:
         """One description: the serving deployment when checks used one, with the cache checks' cache.
 
         Embedded runs check two deployments of one kind (the fixture cache, and engines behind the
-        reference frontend with a cache of their own); a foreign run's are one and the same.
+        reference frontend with a cache of their own); a foreign run's are one and the same. A run
+        may serve from several engine sets (one per profile and store, the VLM ones): the top-level
+        fields are the last one's, as before, and `engines` lists every set's engines, each with
+        the deployments it served (`deployments` names them all).
         """
         cache, serving = self.deployments.get("cache"), self.deployments.get("serving")
         if not serving:
             return cache or fallback_deployment(self.config)
-        merged = dict(serving)
+        merged = dict(serving, engines=list(self.engines.values()), deployments=list(self.serving.values()))
         if cache and cache.get("cache_root") != serving.get("cache_root"):
             merged["frontend_cache_root"] = serving.get("cache_root")
             merged.update(cache_root=cache["cache_root"], cards=cache["cards"])
@@ -189,3 +215,37 @@ class ConformanceReporter:
         if self.paths:
             summary = ", ".join(f"{v} {k}" for k, v in self.summary.items())
             terminalreporter.write_sep("-", f"conformance report: {self.paths[0]} ({summary})")
+
+
+def serving_label(described: dict) -> str:
+    """What a serving deployment is called in the report: its profile (or kind), its store when
+    etcd, its topology when multimodal; e.g. `cpu`, `cpu (etcd)`, `cpu multimodal kv-aggregated`."""
+    label = described.get("profile") or described.get("kind") or "?"
+    mm = described.get("multimodal") or {}
+    if mm:
+        return f"{label} multimodal {mm.get('topology') or mm.get('target')}"
+    return label + (" (etcd)" if str(described.get("discovery") or "").startswith("etcd") else "")
+
+
+def _serving_key(described: dict) -> tuple:
+    return serving_label(described), (described.get("frontend") or {}).get("url")
+
+
+def _serving_summary(described: dict) -> dict:
+    return {"label": serving_label(described), "kind": described.get("kind"), "profile": described.get("profile"),
+            "frontend_url": (described.get("frontend") or {}).get("url"), "model": described.get("model"),
+            "discovery": described.get("discovery")}
+
+
+def add_engines(engines: dict[tuple, dict], described: dict) -> None:
+    """Add a serving deployment's engines to `engines` (by url and name), each with its profile and
+    the deployments it served; a later description of an engine (its version now known) wins."""
+    label = serving_label(described)
+    for engine in described.get("engines") or []:
+        known = engines.get((engine.get("url"), engine.get("name")))
+        row = {**engine, "profile": described.get("profile"), "deployments": known["deployments"] if known else []}
+        roles = [*((known or {}).get("role") or "").split(", "), engine.get("role") or ""]
+        row["role"] = ", ".join(dict.fromkeys(r for r in roles if r)) or None  # one engine in two roles: both
+        if label not in row["deployments"]:
+            row["deployments"].append(label)
+        engines[(engine.get("url"), engine.get("name"))] = row

@@ -240,3 +240,12 @@ def test_without_a_dir_holding_the_cards_files_the_specs_path_stands(tmp_path, c
     (spec_dir / "config.json").unlink()
     spec_dir.rename(spec_dir.with_name("0" * 64))
     assert frontend_local_dir(card, tmp_path / "cache") == (spec_dir, True)
+
+
+def test_a_frontend_that_lists_no_models_is_still_checked_when_the_model_is_named():
+    from harness.openai_client import EndpointError, choose_model
+
+    with DynamoLikeFrontend() as frontend:  # it serves no /v1/models, as vLLM's example P/D proxy
+        assert choose_model(frontend.url, "acme/Tiny-Llama") == "acme/Tiny-Llama"
+        with pytest.raises(EndpointError, match=r"/v1/models did not list models: .*404.*; give --model NAME"):
+            choose_model(frontend.url, None)

@@ -81,9 +81,12 @@ class EngineProcess:
         log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {' '.join(self.spec.command)}\n".encode())
         log.flush()
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.spec.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.spec.env}, start_new_session=True, preexec_fn=pin)
-        log.close()  # the child holds its own copy
+        try:
+            self.proc = subprocess.Popen(self.spec.command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env={**os.environ, **self.spec.env},
+                                         start_new_session=True, preexec_fn=pin)
+        finally:
+            log.close()  # the child holds its own copy
         return self
 
     def alive(self) -> bool:

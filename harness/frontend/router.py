@@ -263,13 +263,18 @@ class RoutedEngine:
                                timeout=self.timeout) as resp:
             return resp.status, await resp.read()
 
-    async def _prefill(self, client: aiohttp.ClientSession, route: Route, engine_body: dict) -> dict:
+    def prefill_body(self, engine_body: dict) -> dict:
+        """The prefill's copy of the request (SPEC §4.1): one token, unstreamed, a remote decode asked for."""
         body = copy.deepcopy(engine_body)
         body.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS))
         if "max_completion_tokens" in body:
             body["max_completion_tokens"] = 1
         body.pop("stream_options", None)
         body.pop("min_tokens", None)  # restored for decode: it is only in engine_body
+        return body
+
+    async def _prefill(self, client: aiohttp.ClientSession, route: Route, engine_body: dict) -> dict:
+        body = self.prefill_body(engine_body)
         url = f"{route.prefill.url}{route_path(body)}"
         # Shielded: a client that disconnects during prefill must not abort it, or its KV blocks leak.
         task = self._keep(self._post_json(client, url, body, route.request_id))

@@ -1,0 +1,67 @@
+"""vLLM's own P/D router, `vllm-router` 0.1.17 (PyPI, Rust), checked by the suites as any user's router.
+
+A second pytest starts it with `--frontend-cmd` in front of this run's real vLLM CPU prefill and
+decode engines (NIXL), through relays of its own, and runs the routing and fault suites against
+it. The verdict must be truthful: every check passes, skips naming its evidence, or fails for a
+difference from SPEC found by running it (KNOWN_DIFFERENCES, each with the message that shows it).
+The report lands in `<report dir>/vllm-router/` for the conformance matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import evidence as ev
+
+pytestmark = [pytest.mark.spec("4.1", "4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
+              pytest.mark.harness_code, pytest.mark.needs(ev.PLANTED_ROUTER)]
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ("test_routed_requests.py", "test_worker_faults.py", "test_disagg_routing.py", "test_disagg_faults.py")
+COMMAND = ("vllm-router --vllm-pd-disaggregation --prefill {prefill_url} --decode {decode_url} --host {host} "
+           "--port {port} --prometheus-host 127.0.0.1 --prometheus-port {metrics_port} --policy round_robin")
+# What vllm-router 0.1.17 does differently from SPEC, as the suites found it by running it here.
+# check (function name) -> a fragment of its failure message.
+KNOWN_DIFFERENCES: dict[str, str] = {}
+# The checks that read the relays: against a router behind them, none may skip.
+INTERPOSED_CHECKS = ("test_prefill_and_decode_requests_share_one_request_id",
+                     "test_prefill_and_decode_requests_carry_the_clients_request_id",
+                     "test_the_prefill_is_asked_for_one_token_and_the_decode_gets_its_kv_transfer_params",
+                     "test_with_its_prefill_worker_dead_the_model_is_served_aggregated_then_disaggregated_again",
+                     "test_a_prefill_that_answers_500_is_reported_and_not_retried_on_decode",
+                     "test_a_decode_dying_mid_stream_gives_the_client_an_error_never_a_complete_looking_stream",
+                     "test_a_client_that_leaves_during_prefill_leaves_nothing_running")
+
+
+def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
+    if disagg.store_server is not None or (disagg.discovery or "").startswith("etcd"):
+        pytest.skip("vllm-router takes its engines' URLs, not a discovery store: it runs once, on the file-store run")
+    router = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or shutil.which("vllm-router")
+    if router is None:
+        pytest.skip("needs vllm-router on PATH (pip install vllm-router==0.1.17; tox -e py installs it)")
+    report_dir = Path(request.config.getoption("report_dir") or ROOT / "reports") / "vllm-router"
+    engines = [f"--engine-url={role}={disagg.url(role)}" for role in ("prefill", "decode", "aggregated")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *[str(ROOT / "suites" / s) for s in SUITES], "-q", "-rs",
+                           "-p", "no:xdist", "-p", "no:cacheprovider", f"--frontend-cmd={COMMAND.replace('vllm-router', router, 1)}",
+                           f"--model={disagg.model}", *engines, f"--report-dir={report_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode in (0, 1), f"the suites crashed against vllm-router (exit {proc.returncode}):\n{out}"
+    report = json.loads((report_dir / "conformance.json").read_text())
+    checks = {c["id"].split("::", 1)[1]: c for c in report["checks"]}
+    record_property("verdict", report["summary"])
+    errors = {k: c["message"] for k, c in checks.items() if c["outcome"] == "error"}
+    assert not errors, f"checks that crashed against vllm-router: {errors}\n{out}"
+    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] == "failed"}
+    unexplained = {k: m for k, m in failed.items() if KNOWN_DIFFERENCES.get(k.split("[")[0], "\0") not in m}
+    assert not unexplained, f"failures against vllm-router that no known difference explains:\n{json.dumps(unexplained, indent=1)}"
+    vague = {k: c["message"] for k, c in checks.items() if c["outcome"] == "skipped" and "needs " not in c["message"]}
+    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    skipped = [k for k, c in checks.items() if c["outcome"] == "skipped" and k.split("[")[0] in INTERPOSED_CHECKS]
+    assert not skipped, f"checks on the relays skipped against vllm-router: {skipped}"
+    record_property("differences", {k.split("[")[0]: m[:160] for k, m in failed.items()})
