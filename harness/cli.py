@@ -4,6 +4,8 @@
     python -m harness local-dir CARD_JSON [--cache-root DIR]
     python -m harness resolve CARD_JSON [--cache-root DIR] [--model-path DIR]
     python -m harness up [--profile cpu] [--model-dir DIR] [--log-dir DIR] [--store etcd://HOST:PORT[/prefix]]
+    python -m harness interpose --engine prefill=URL --engine decode=URL [--port-base N]
+    python -m harness matrix REPORT.json... [--name LABEL=REPORT.json] [--out-dir DIR]
 
 Errors print one line naming what was wrong and exit with status 1.
 """
@@ -78,6 +80,36 @@ def _up(args: argparse.Namespace) -> int:
     finally:
         print("stopping the deployment", file=sys.stderr)
         deployment.stop()
+    return 0
+
+
+def _interpose(args: argparse.Namespace) -> int:
+    """Relays in front of a router's engines, for a router started elsewhere; until Ctrl-C or SIGTERM."""
+    from harness.interposer import Interposer
+
+    relays = []
+    for value in args.engine:
+        role, sep, url = value.partition("=")
+        if not sep or role not in ("prefill", "decode") or not url.startswith(("http://", "https://")):
+            raise HarnessError(f"--engine {value!r} must be ROLE=URL with ROLE prefill or decode")
+        relays.append(Interposer(role, url, port=args.port_base + 2 * len(relays) if args.port_base else 0,
+                                 control_port=args.port_base + 2 * len(relays) + 1 if args.port_base else 0))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        for relay in relays:
+            relay.start()
+            print(f"{relay.role}: give the router {relay.url}  (relays to {relay.upstream}; control "
+                  f"{relay.control_url})")
+        options = " ".join(f"--interposed {r.role}={r.control_url} --engine-url {r.role}={r.upstream}" for r in relays)
+        print(f"then check the router with:\n  pytest suites --frontend-url ROUTER_URL --model MODEL {options}")
+        print("Ctrl-C stops the relays.", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for relay in relays:
+            relay.stop()
     return 0
 
 
@@ -177,6 +209,14 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--store", default=None, metavar="etcd://HOST:PORT[/prefix]",
                    help="register the workers in this etcd (default: a file store in the deployment's workdir)")
     u.set_defaults(func=_up)
+
+    i = sub.add_parser("interpose", help="relays of the suite's own in front of a router's engines: prints the URLs to "
+                                         "give the router and the options to give the suites; until Ctrl-C")
+    i.add_argument("--engine", action="append", required=True, metavar="ROLE=URL",
+                   help="an engine the router sends requests to: prefill=URL or decode=URL (repeatable)")
+    i.add_argument("--port-base", type=int, default=0,
+                   help="fixed ports from here (relay, control, next relay, ...); default: free ports")
+    i.set_defaults(func=_interpose)
 
     a = sub.add_parser("artifact", help="compile-cache artifacts: pack cache roots, serve them, install them")
     act = a.add_subparsers(dest="action", required=True)

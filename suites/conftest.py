@@ -389,7 +389,7 @@ def _report_deployment(request):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every conformance check names its SPEC section; harness-code tests leave a foreign run."""
+    """Every conformance check names its SPEC section; harness-code and embedded-only tests leave a foreign run."""
     here = Path(__file__).parent
     unmarked = [i.nodeid for i in items if i.path.is_relative_to(here) and not i.get_closest_marker("spec")]
     if unmarked:
@@ -397,10 +397,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Checks on other engine sets (VLM, compiled cold starts) start them after the text engines stop.
     items.sort(key=lambda i: max([LATE_FIXTURES.get(f, 0) for f in getattr(i, "fixturenames", ())] or [0]))
     if FOREIGN_KEY in config.stash:
-        own = [i for i in items if i.get_closest_marker("harness_code")]
+        own = [i for i in items if i.get_closest_marker("harness_code") or embedded_only(i)]
         if own:
             config.hook.pytest_deselected(items=own)
-            items[:] = [i for i in items if not i.get_closest_marker("harness_code")]
+            items[:] = [i for i in items if i not in own]
+
+
+# Evidence no foreign deployment can give: checks that need it (breaking the embedded engines, a
+# planted router, the embedded etcd) are not collected against one, like harness-code tests. The
+# relays give a foreign router the same checks (test_routed_requests.py, test_worker_faults.py).
+EMBEDDED_ONLY = (ev.ENGINE_CONTROL, ev.PLANTED_ROUTER, ev.STORE_CONTROL)
+
+
+def embedded_only(item: pytest.Item) -> bool:
+    return any(e in EMBEDDED_ONLY for m in item.iter_markers("needs") for e in m.args)
 
 
 def auto_profiles(gpus: int) -> list[str]:

@@ -37,8 +37,6 @@ def test_the_disagg_suite_runs_against_a_frontend_given_by_url(disagg, tmp_path)
     assert outcomes["test_cached_tokens_are_the_prefills_own_prefix_hits[foreign]"] == "passed"
     assert report["deployment"]["frontend_returns_token_ids"] is True
     skipped = {c["id"].split("::")[1]: c["message"] for c in report["checks"] if c["outcome"] == "skipped"}
-    assert set(skipped) == {"test_a_router_that_drops_kv_transfer_params_is_caught[foreign]",
-                            "test_a_frontend_that_reports_the_decodes_usage_is_caught[foreign]",
-                            "test_a_router_that_splits_the_request_id_is_caught[foreign]",
-                            "test_without_a_prefill_worker_the_model_serves_aggregated_and_returns_to_disagg[foreign]"}
-    assert all("only the embedded deployment grants it" in m for m in skipped.values()), skipped
+    assert not skipped, skipped
+    # What only the embedded deployment can give (a planted router, breaking its engines) is not collected.
+    assert not any("is_caught" in name or "without_a_prefill_worker" in name for name in outcomes), sorted(outcomes)

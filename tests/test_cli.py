@@ -97,3 +97,36 @@ def test_a_bad_root_option_exits_1_naming_it(tmp_path, capsys):
 
     assert main(["artifact", "pack", "--root", "no-equals-sign", "--out", str(tmp_path)]) == 1
     assert "--root 'no-equals-sign' must be LABEL=DIR" in capsys.readouterr().err
+
+
+def test_interpose_prints_the_urls_to_give_a_router_and_the_options_to_check_it(tmp_path):
+    import os
+    import signal
+
+    import requests
+
+    from fixtures.fake_engine import FakeEngine
+    from harness.interposer import InterposedEngine
+
+    with FakeEngine("prefill") as prefill, FakeEngine("decode") as decode:
+        proc = subprocess.Popen([sys.executable, "-m", "harness", "interpose", "--engine", f"prefill={prefill.url}",
+                                 "--engine", f"decode={decode.url}"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            lines = [proc.stdout.readline() for _ in range(5)]
+            assert lines[0].startswith("prefill: give the router http://127.0.0.1:") and prefill.url in lines[0]
+            relay_url, control_url = lines[0].split()[4], lines[0].split("control ")[1].rstrip(")\n")
+            assert requests.post(f"{relay_url}/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 1},
+                                 timeout=10).status_code == 200
+            relay = InterposedEngine(control_url).connect()
+            assert relay.role == "prefill" and relay.exchanges()[-1].body["prompt"] == [1, 2]
+            assert f"--interposed prefill={control_url}" in lines[3] and f"--engine-url decode={decode.url}" in lines[3]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_interpose_with_an_engine_that_is_not_role_url_is_an_error_naming_it():
+    out = harness("interpose", "--engine", "aggregated=http://127.0.0.1:1")
+    assert out.returncode == 1 and "--engine 'aggregated=http://127.0.0.1:1' must be ROLE=URL" in out.stderr
