@@ -107,7 +107,8 @@ class Deployment:
     cards: list[CardUnderTest] = field(default_factory=list)
     frontend_url: str | None = None
     model: str | None = None  # the served model name the serving checks use
-    engines: dict[str, Any] = field(default_factory=dict)  # role -> EngineProcess | DockerEngine | ExternalEngine
+    # role -> EngineProcess | DockerEngine | ExternalEngine; several engines of one role: "role:n"
+    engines: dict[str, Any] = field(default_factory=dict)
     discovery: str | None = None  # where the cards were read from, for the report
     profile: EngineProfile | None = None
     # embedded serving only: what stops, kills and restarts engines
@@ -201,7 +202,7 @@ class Deployment:
         for e in self.engines.values():  # asked once per engine: describe() runs for every check
             if e.url not in self._versions:
                 self._versions[e.url] = engine_version(e.url)
-        engines = [{"name": e.name, "role": role, "url": e.url, "version": self._versions[e.url],
+        engines = [{"name": e.name, "role": role.split(":")[0], "url": e.url, "version": self._versions[e.url],
                     "engine": self.profile.engine if self.profile else None,
                     "healthy_after_s": getattr(e, "healthy_after_s", None),
                     "log": str(getattr(e, "log_path", "")) or None, "behind_frontend": role != "aggregated"}

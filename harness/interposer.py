@@ -16,7 +16,9 @@ On the suite's command it also stands in for a broken worker, on the generation 
 - `end_stream`: the same, but the response ends cleanly after `after_events` events, with no
   `data: [DONE]`;
 - `stall`: a hung worker, holding the request unanswered until the fault is cleared;
-- `delay`: a slow worker, forwarding after `seconds` (a client can leave during the prefill).
+- `delay`: a slow worker, forwarding after `seconds` (a client can leave during the prefill);
+- `strip_kv_transfer_params`: a prefill that answers 200 with `kv_transfer_params: null`, as a
+  worker without a KV connector does.
 
 The suite talks to a relay through its control server (`InterposedEngine`, a client of it), so a
 relay the suite started and one run by `python -m harness interpose` are the same to the checks.
@@ -40,7 +42,7 @@ import requests
 from aiohttp import web
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate", "/v1/generate")
-FAULTS = ("refuse", "http_error", "cut_stream", "end_stream", "stall", "delay")
+FAULTS = ("refuse", "http_error", "cut_stream", "end_stream", "stall", "delay", "strip_kv_transfer_params")
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
               "trailer", "proxy-connection", "content-encoding"}
 MAX_EXCHANGES = 2000  # the oldest are dropped: a relay in a long run keeps a bounded record
@@ -314,6 +316,8 @@ class Interposer:
                 if "json" in upstream.content_type:
                     with contextlib.suppress(orjson.JSONDecodeError):
                         ex.response = orjson.loads(raw)
+                if fault is not None and fault.kind == "strip_kv_transfer_params" and isinstance(ex.response, dict):
+                    raw = orjson.dumps({**ex.response, "kv_transfer_params": None})
                 return web.Response(body=raw, status=upstream.status, headers=out_headers)
             return await self._stream(request, upstream, out_headers, ex, fault)
         finally:

@@ -218,6 +218,26 @@ def long_stream_extra(deployment: Deployment) -> dict:
     return {"ignore_eos": True} if deployment.endpoint().accepts("ignore_eos", True) else {}
 
 
+def check_a_prefill_without_kv_transfer_params_is_an_error_not_a_recompute(deployment: Deployment) -> dict:
+    """The prefill answers 200 with `kv_transfer_params: null`: the router must fail the request
+    clearly, not send the decode a request with nothing to pull, which it computes itself (SPEC
+    §4.1, R7: one such request in twenty is what a single-request KV check never sees)."""
+    before = marks(deployment)
+    with deployment.interposed["prefill"].fault("strip_kv_transfer_params"):
+        resp = deployment.endpoint().complete(fresh_prompt(40), max_tokens=8, timeout=60)
+    got = seen(deployment, before)
+    numbers = {"client_status": resp.status_code, "client_body": resp.text[:160],
+               "decode_requests": [describe(e) for e in got["decode"]]}
+    assert got["prefill"], f"the router never asked the prefill worker: {numbers}"
+    recomputed = [e for e in got["decode"] if not ((e.body or {}).get("kv_transfer_params") or {}).get("do_remote_prefill")]
+    assert not recomputed, (
+        f"the prefill returned no kv_transfer_params, and the router sent the decode "
+        f"{[describe(e)['kv_transfer_params'] for e in recomputed]} as kv_transfer_params: the decode recomputed the "
+        f"prompt silently (SPEC §4.1, R7); the client got HTTP {resp.status_code}")
+    assert resp.status_code >= 400, f"the client got HTTP {resp.status_code}, no error, for a prefill with nothing to transfer"
+    return numbers
+
+
 def stream_through(deployment: Deployment, max_tokens: int, extra: dict, timeout_s: float = 60.0
                    ) -> tuple[list[str], str | None]:
     """A streamed completion read to its end; the lines, and the transport error that ended it, if any."""

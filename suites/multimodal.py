@@ -214,13 +214,19 @@ class EmbeddedMultimodal:
         local_dir = next(iter(cluster.frontend.manager.models.values())).preprocessor.local_dir
         deployment = Deployment("embedded", cache_root=cluster.cache_root, frontend_url=cluster.url, model=SERVED_VLM,
                                 profile=self.profile,
-                                engines={e.name: e for e in self.engines}, discovery=cluster.store.url)
+                                engines=self.roles(topology), discovery=cluster.store.url)
         return MultimodalTarget(
             f"{self.profile.name}/{topology}", cluster.url, SERVED_VLM, topology,
             prefix_engines=urls if topology == "kv-aggregated" else urls[:1],
             decode_engine=urls[1] if topology == "disaggregated" else None,
             reference_engine=urls[1], processor_dir=local_dir, block_size=self.profile.block_size,
             deployment=deployment, planted=lambda fault: self.planted(topology, fault))
+
+    def roles(self, topology: str) -> dict[str, EngineProcess]:
+        """The engines by the role each plays in `topology` (several of one role: `role:n`)."""
+        if topology == "disaggregated":
+            return {"prefill": self.engines[0], "decode": self.engines[1]}
+        return {"aggregated" if n == 0 else f"aggregated:{n + 1}": e for n, e in enumerate(self.engines)}
 
     def planted(self, topology: str, fault: str) -> str:
         """The URL of a frontend with a planted fault, in front of the same engines."""

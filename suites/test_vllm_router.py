@@ -39,6 +39,10 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     # (60 s apart by default) a 503 "No available workers: 0 prefill, 1 decode"; the decode gets nothing.
     "test_with_its_prefill_worker_dead_the_model_is_served_aggregated_then_disaggregated_again":
         "never served the model aggregated",
+    # A prefill that answers 200 with kv_transfer_params null: the decode is sent them as null, the
+    # client gets a normal 200 (vllm-project/router PR 2's kind of bug, still there for this case).
+    "test_a_prefill_that_returns_no_kv_transfer_params_is_an_error_not_a_silent_recompute":
+        "the decode recomputed the prompt silently",
 }
 # The checks that read the relays: against a router behind them, none may skip.
 INTERPOSED_CHECKS = ("test_prefill_and_decode_requests_share_one_request_id",
@@ -46,6 +50,7 @@ INTERPOSED_CHECKS = ("test_prefill_and_decode_requests_share_one_request_id",
                      "test_the_prefill_is_asked_for_one_token_and_the_decode_gets_its_kv_transfer_params",
                      "test_with_its_prefill_worker_dead_the_model_is_served_aggregated_then_disaggregated_again",
                      "test_a_prefill_that_answers_500_is_reported_and_not_retried_on_decode",
+                     "test_a_prefill_that_returns_no_kv_transfer_params_is_an_error_not_a_silent_recompute",
                      "test_a_decode_dying_mid_stream_gives_the_client_an_error_never_a_complete_looking_stream",
                      "test_a_client_that_leaves_during_prefill_leaves_nothing_running")
 

@@ -1,6 +1,7 @@
 """A broken worker behind any router (SPEC §4.1, §4.4): the suite's relay stands in for it.
 
-The prefill refuses connections (dead), answers HTTP 500 (failing) or is slow; the decode dies
+The prefill refuses connections (dead), answers HTTP 500 (failing), answers without
+kv_transfer_params, or is slow; the decode dies
 mid-stream, reset or ended without `[DONE]`. What the router does is read off the client's answer
 and the relays; no router cooperation is needed. Each check is shown failing on a planted router.
 """
@@ -24,6 +25,12 @@ def test_with_its_prefill_worker_dead_the_model_is_served_aggregated_then_disagg
 @pytest.mark.spec("4.1")
 def test_a_prefill_that_answers_500_is_reported_and_not_retried_on_decode(disagg, record_property):
     record_property("prefill_error", checks.check_a_prefill_error_is_reported_and_not_retried_on_decode(disagg))
+
+
+@pytest.mark.spec("4.1", "R7")
+def test_a_prefill_that_returns_no_kv_transfer_params_is_an_error_not_a_silent_recompute(disagg, record_property):
+    record_property("no_kv_transfer_params",
+                    checks.check_a_prefill_without_kv_transfer_params_is_an_error_not_a_recompute(disagg))
 
 
 @pytest.mark.spec("4.4")
@@ -54,6 +61,15 @@ def test_a_router_without_aggregated_fallback_is_caught(disagg, planted_router, 
 def test_a_router_that_reruns_a_failed_prefill_on_decode_is_caught(disagg, planted_router, record_property):
     with pytest.raises(AssertionError, match="sent the request to the decode anyway") as caught:
         checks.check_a_prefill_error_is_reported_and_not_retried_on_decode(planted_router("retry_prefill_on_decode"))
+    record_property("caught", str(caught.value).splitlines()[0])
+
+
+@pytest.mark.spec("R7")
+@pytest.mark.needs(ev.PLANTED_ROUTER)
+def test_a_router_that_decodes_without_kv_transfer_params_is_caught(disagg, planted_router, record_property):
+    with pytest.raises(AssertionError, match="the decode recomputed the prompt silently") as caught:
+        checks.check_a_prefill_without_kv_transfer_params_is_an_error_not_a_recompute(
+            planted_router("retry_prefill_on_decode"))
     record_property("caught", str(caught.value).splitlines()[0])
 
 

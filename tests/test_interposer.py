@@ -91,6 +91,17 @@ def test_a_failing_worker_answers_the_status_in_vllms_error_shape_and_never_reac
     assert engine.state.bodies == [] and relay.exchanges()[-1].fault == "http_error"
 
 
+def test_a_prefill_can_be_made_to_answer_without_kv_transfer_params(engine):
+    with Interposer("prefill", engine.url) as interposer:
+        relay = handle(interposer)
+        body = {"model": "m", "prompt": PROMPT, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        with relay.fault("strip_kv_transfer_params"):
+            resp = requests.post(f"{relay.url}/v1/completions", json=body, timeout=10)
+        ex = relay.exchanges()[-1]
+    assert resp.status_code == 200 and resp.json()["kv_transfer_params"] is None and resp.json()["choices"]
+    assert ex.response["kv_transfer_params"] is not None, "the record keeps what the engine answered"
+
+
 def test_a_cut_stream_resets_the_connection_after_n_events(relay, engine):
     with relay.fault("cut_stream", after_events=3):
         lines, error = stream_lines(relay.url, max_tokens=50)

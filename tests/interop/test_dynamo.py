@@ -39,25 +39,24 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "multimodal": add_weight_files(make_multimodal_model(root / "tiny-llava"))}
 
 
-def run_suites(options: list[str], report_dir: Path, *selection: str) -> tuple[dict, str]:
+def run_suites(options: list[str], report_dir: Path, *selection: str, matrix: str | None = None) -> tuple[dict, str]:
+    """The suites against the deployment `options` describe; a run named `matrix` is kept for the
+    conformance matrix (a run with a fault planted on purpose is not)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", *(selection or ["suites"]), "-p", "no:xdist",
                            "-p", "no:cacheprovider", "-q", "-rs", f"--report-dir={report_dir}", *options],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode in (0, 1), f"the suites crashed (exit {proc.returncode}):\n{out}"
-    keep_for_the_matrix(report_dir / "conformance.json")
+    if matrix:
+        keep_for_the_matrix(report_dir / "conformance.json", matrix)
     return json.loads((report_dir / "conformance.json").read_text()), out
 
 
-def keep_for_the_matrix(report: Path) -> None:
-    """A copy under reports/interop/<test>[-<n>]/, for `python -m harness matrix` (.ci/run builds it)."""
-    test = os.environ.get("PYTEST_CURRENT_TEST", "run").split("::")[-1].split(" ")[0].removeprefix("test_")
-    for n in range(1, 10):
-        target = ROOT / "reports" / "interop" / (test if n == 1 else f"{test}-{n}")
-        if not target.exists():
-            target.mkdir(parents=True)
-            shutil.copy(report, target / "conformance.json")
-            return
+def keep_for_the_matrix(report: Path, label: str) -> None:
+    """A copy at reports/interop/<label>/, for `python -m harness matrix` (.ci/run builds it)."""
+    target = ROOT / "reports" / "interop" / label
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(report, target / "conformance.json")
 
 
 def outcomes(report: dict) -> dict[str, dict]:
@@ -91,7 +90,8 @@ def test_aggregated_dynamo_with_a_self_host_and_a_shared_storage_worker(models, 
                Mocker("mm", models["multimodal"], "acme/Tiny-Llava", self_host=False,
                       endpoint="dyn://mm.backend.generate")]
     with DynamoDeployment(DYNAMO_PYTHON, tmp_path / "dynamo", mockers, log_dir=tmp_path / "logs") as dynamo:
-        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report")
+        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report",
+                                 matrix="dynamo-aggregated")
         shutil.copytree(dynamo.store, tmp_path / "store-as-it-was")  # workers delete their records on stop
     checks = assert_truthful(report, out)
     cards = {c["label"]: c["mode"] for c in report["deployment"]["cards"]}
@@ -144,7 +144,8 @@ def test_dynamo_mockers_serving_a_vlm_are_told_the_image_never_reached_the_engin
         options = [f"--discovery={dynamo.discovery}", f"--cache-root={dynamo.cache_root}",
                    f"--frontend-url={dynamo.url}", "--mm-model=acme/Tiny-VLM",
                    *(f"--engine-url=aggregated={m.metrics_url}" for m in mockers)]
-        report, out = run_suites(options, tmp_path / "report", "suites/test_multimodal_cached_tokens.py")
+        report, out = run_suites(options, tmp_path / "report", "suites/test_multimodal_cached_tokens.py",
+                                 matrix="dynamo-vlm-mockers")
     checks = outcomes(report)
     failed = failures(checks)
     assert set(failed) == {"test_the_engine_runs_the_images_placeholders[foreign]",
@@ -181,7 +182,7 @@ def test_dynamo_with_a_real_vllm_worker_serving_the_vlm_passes_the_multimodal_su
                    f"--frontend-url={dynamo.url}", "--mm-model=acme/Tiny-VLM",
                    f"--engine-url=aggregated={worker.metrics_url}"]
         report, out = run_suites(options, tmp_path / "report", "suites/test_multimodal_cached_tokens.py",
-                                 "suites/test_path_layout.py", "suites/test_consumers.py")
+                                 "suites/test_path_layout.py", "suites/test_consumers.py", matrix="dynamo-vllm-vlm")
     finally:
         dynamo.stop()
     checks = outcomes(report)
@@ -210,7 +211,8 @@ def test_disaggregated_dynamo_with_kv_routing(models, tmp_path):
                Mocker("decode", models["text"], "acme/Tiny-Llama", mode="decode")]
     with DynamoDeployment(DYNAMO_PYTHON, tmp_path / "dynamo", mockers, router_mode="kv",
                           log_dir=tmp_path / "logs") as dynamo:
-        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report")
+        report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report",
+                                 matrix="dynamo-disagg-kv")
     checks = assert_truthful(report, out)
     roles = sorted(c["worker_type"] for c in report["deployment"]["cards"])
     assert roles == ["decode", "prefill"], report["deployment"]["cards"]
@@ -240,7 +242,7 @@ def test_dynamo_on_etcd_its_records_are_read_from_etcd_and_a_killed_worker_leave
         assert not (dynamo.store / "v1").exists(), "Dynamo wrote to its file store though told to use etcd"
         report, out = run_suites(dynamo.suite_options("acme/Tiny-Llama"), tmp_path / "report",
                                  "suites/test_path_layout.py", "suites/test_consumers.py",
-                                 "suites/test_self_host_metadata.py")
+                                 "suites/test_self_host_metadata.py", matrix="dynamo-etcd")
         checks = assert_truthful(report, out)
         assert report["deployment"]["discovery"] == etcd.url
         cards = {c["label"]: c["mode"] for c in report["deployment"]["cards"]}
