@@ -2,8 +2,8 @@
 
 Most P/D routers take their engines' URLs on the command line, so the suite fills them in: the
 relays it put in front of the engines (`harness.interposer`), a free loopback port for the
-router, and another for a metrics server it may run (`{metrics_port}`). The command is split like a shell would (shlex) but not run through one; wrap it in
-`sh -c '...'` to need one. It runs in a session of its own, is waited on until it serves, and is
+router, and another for a metrics server it may run (`{metrics_port}`). The command is split
+like a shell would (shlex) but not run through one; wrap it in `sh -c '...'` to need one. It runs in a session of its own, is waited on until it serves, and is
 stopped by its process group, never by name.
 """
 

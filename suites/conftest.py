@@ -36,6 +36,7 @@ from harness.router_process import fill_template, started
 from harness.openai_client import choose_model
 from harness.worker.metadata_server import MetadataServer
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
+from suites.planted_frontends import start_planted
 from suites.multimodal import EmbeddedMultimodal, MultimodalTarget
 from suites.plugin import embedded_stores
 
@@ -474,22 +475,16 @@ def planted_router(disagg):
     import dataclasses
     from types import SimpleNamespace
 
-    from fixtures.planted_router import planted
-    from harness.cluster import Cluster
-
     if (disagg.discovery or "").startswith("etcd"):
         pytest.skip("a planted router shows a check failing once, on the file-store run; the store changes nothing "
                     "it sends its engines")
     made = []
 
     def make(fault: str) -> Deployment:
-        cluster = Cluster(disagg.workdir / f"planted-{fault}", disagg.cluster.model_dir, disagg.model,
-                          block_size=disagg.profile.block_size, timeout_s=disagg.profile.request_timeout_s,
-                          protocol=disagg.profile.protocol, router=planted(fault)).start()
+        relays = [SimpleNamespace(name=f"planted-{fault}-{role}", role=role, url=disagg.interposed[role].url)
+                  for role in INTERPOSED_ROLES]
+        cluster = start_planted(disagg, fault, relays)
         made.append(cluster)
-        for role in INTERPOSED_ROLES:
-            cluster.register(SimpleNamespace(name=f"planted-{fault}-{role}", role=role, url=disagg.interposed[role].url))
-        cluster.wait_for_roles(set(INTERPOSED_ROLES))
         # Asked in the dialect the embedded frontend was probed in: a planted one may fail every request.
         disagg.endpoint().accepts("ignore_eos", True)
         endpoint = dataclasses.replace(disagg.endpoint(), url=cluster.url, _accepted=dict(disagg.endpoint()._accepted))

@@ -29,6 +29,13 @@ PREFILL_DELAY_S = 3.0
 SETTLE_WITHIN_S = 30.0
 
 
+def caught(record_property, match: str, check, *args, failure: type = AssertionError, **kwargs) -> None:
+    """The check fails on a planted router, with a message matching `match`; the report keeps it."""
+    with pytest.raises(failure, match=match) as info:
+        check(*args, **kwargs)
+    record_property("caught", str(info.value).splitlines()[0])
+
+
 def client_request_id() -> str:
     return f"conformance-{os.urandom(6).hex()}"
 
@@ -132,12 +139,13 @@ def check_the_prefill_protocol(deployment: Deployment, stream: bool) -> dict:
     dbody = decode.body or {}
     returned = (prefill.response or {}).get("kv_transfer_params") if isinstance(prefill.response, dict) else None
     numbers["prefill_returned"] = returned
-    assert returned, f"the prefill engine returned no kv_transfer_params, so none can be checked: {prefill.response!r:.300}"
+    assert returned, (f"the prefill engine returned no kv_transfer_params, so none can be checked: "
+                      f"{prefill.response!r:.300}")
+    sent = dbody.get("kv_transfer_params") or {}
+    differing = sorted(k for k in set(returned) | set(sent) if sent.get(k) != returned.get(k))
     assert dbody.get("kv_transfer_params") == returned, (
         f"the decode got kv_transfer_params {dbody.get('kv_transfer_params')!r}, not exactly the prefill's "
-        f"{returned!r}: keys differing "
-        f"{sorted(k for k in set(returned) | set(dbody.get('kv_transfer_params') or {}) if (dbody.get('kv_transfer_params') or {}).get(k) != returned.get(k))} "
-        f"(SPEC §4.1, R7)")
+        f"{returned!r}: keys differing {differing} (SPEC §4.1, R7)")
     # The decode may be streamed whatever the client asked (the reference frontend always streams it).
     assert dbody.get("max_tokens") == 12, (
         f"the decode did not get the client's request: max_tokens {dbody.get('max_tokens')!r} (asked 12)")

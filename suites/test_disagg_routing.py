@@ -12,13 +12,13 @@ import dataclasses
 import pytest
 import requests
 
-from fixtures.planted_router import planted
 from harness import evidence as ev
 from harness.cluster import Cluster
 from harness.engines.metrics import Metrics, kv_sources
 from harness.openai_client import comparable_by, output, routing_mode
 from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, fresh_prompt, need_kv_sources,
                                   warm_directly)
+from suites.planted_frontends import start_planted
 
 pytestmark = [pytest.mark.spec("4.1"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.needs(ev.FRONTEND)]
@@ -112,14 +112,8 @@ def planted_cluster(disagg):
     made = []
 
     def make(fault: str) -> Cluster:
-        cluster = Cluster(disagg.workdir / f"planted-{fault}", disagg.cluster.model_dir, disagg.model,
-                          block_size=disagg.profile.block_size, timeout_s=disagg.profile.request_timeout_s,
-                          protocol=disagg.profile.protocol, router=planted(fault)).start()
-        made.append(cluster)
-        cluster.register(disagg.engines["prefill"])
-        cluster.register(disagg.engines["decode"])
-        cluster.wait_for_roles({"prefill", "decode"})
-        return cluster
+        made.append(start_planted(disagg, fault, [disagg.engines["prefill"], disagg.engines["decode"]]))
+        return made[-1]
 
     yield make
     for cluster in made:

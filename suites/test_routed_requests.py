@@ -38,9 +38,8 @@ def test_the_prefill_is_asked_for_one_token_and_the_decode_gets_its_kv_transfer_
 @pytest.mark.spec("R6")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_gives_the_decode_another_request_id_is_caught(disagg, planted_router, record_property):
-    with pytest.raises(AssertionError, match="the prefill ran under X-Request-Id") as caught:
-        checks.check_prefill_and_decode_share_one_request_id(planted_router("split_request_id"))
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "the prefill ran under X-Request-Id",
+                  checks.check_prefill_and_decode_share_one_request_id, planted_router("split_request_id"))
 
 
 @pytest.mark.spec("4.1")
@@ -48,17 +47,15 @@ def test_a_router_that_gives_the_decode_another_request_id_is_caught(disagg, pla
 def test_a_router_that_makes_its_own_request_id_is_caught(disagg, planted_router, record_property):
     planted = planted_router("own_request_id")
     checks.check_prefill_and_decode_share_one_request_id(planted)  # it does share one: its own
-    with pytest.raises(AssertionError, match="the client's id does not trace the request") as caught:
-        checks.check_prefill_and_decode_carry_the_clients_request_id(planted)
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "the client's id does not trace the request",
+                  checks.check_prefill_and_decode_carry_the_clients_request_id, planted)
 
 
 @pytest.mark.spec("4.1")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_sends_the_prefill_the_whole_request_is_caught(disagg, planted_router, record_property):
-    with pytest.raises(AssertionError, match=r"the prefill request had max_tokens 12 .*not 1.*do_remote_decode") as caught:
-        checks.check_the_prefill_protocol(planted_router("prefill_whole_answer"), stream=False)
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, r"the prefill request had max_tokens 12 .*not 1.*do_remote_decode",
+                  checks.check_the_prefill_protocol, planted_router("prefill_whole_answer"), stream=False)
 
 
 @pytest.mark.spec("R7")
@@ -67,6 +64,5 @@ def test_a_router_that_sends_the_prefill_the_whole_request_is_caught(disagg, pla
                                          ("report_decode_usage", "remote_prefill_cached_tokens")])
 def test_a_router_that_changes_the_kv_transfer_params_on_the_way_to_decode_is_caught(disagg, planted_router, fault,
                                                                                    keys, record_property):
-    with pytest.raises(AssertionError, match=f"not exactly the prefill's .*{keys}") as caught:
-        checks.check_the_prefill_protocol(planted_router(fault), stream=False)
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, f"not exactly the prefill's .*{keys}",
+                  checks.check_the_prefill_protocol, planted_router(fault), stream=False)

@@ -63,8 +63,9 @@ def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
         pytest.skip("needs vllm-router on PATH (pip install vllm-router==0.1.17; tox -e py installs it)")
     report_dir = Path(request.config.getoption("report_dir") or ROOT / "reports") / "vllm-router"
     engines = [f"--engine-url={role}={disagg.url(role)}" for role in ("prefill", "decode", "aggregated")]
+    command = COMMAND.replace("vllm-router", router, 1)
     proc = subprocess.run([sys.executable, "-m", "pytest", *[str(ROOT / "suites" / s) for s in SUITES], "-q", "-rs",
-                           "-p", "no:xdist", "-p", "no:cacheprovider", f"--frontend-cmd={COMMAND.replace('vllm-router', router, 1)}",
+                           "-p", "no:xdist", "-p", "no:cacheprovider", f"--frontend-cmd={command}",
                            f"--model={disagg.model}", *engines, f"--report-dir={report_dir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout[-6000:] + proc.stderr[-2000:]
@@ -76,7 +77,8 @@ def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
     assert not errors, f"checks that crashed against vllm-router: {errors}\n{out}"
     failed = {k: c["message"] for k, c in checks.items() if c["outcome"] == "failed"}
     unexplained = {k: m for k, m in failed.items() if KNOWN_DIFFERENCES.get(k.split("[")[0], "\0") not in m}
-    assert not unexplained, f"failures against vllm-router that no known difference explains:\n{json.dumps(unexplained, indent=1)}"
+    assert not unexplained, (f"failures against vllm-router that no known difference explains:\n"
+                             f"{json.dumps(unexplained, indent=1)}")
     vague = {k: c["message"] for k, c in checks.items() if c["outcome"] == "skipped" and "needs " not in c["message"]}
     assert not vague, f"skips that do not name the missing evidence: {vague}"
     skipped = [k for k, c in checks.items() if c["outcome"] == "skipped" and k.split("[")[0] in INTERPOSED_CHECKS]

@@ -51,41 +51,39 @@ def test_a_client_that_leaves_during_prefill_leaves_nothing_running(disagg, reco
 @pytest.mark.spec("4.1")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_without_aggregated_fallback_is_caught(disagg, planted_router, record_property):
-    with pytest.raises(pytest.fail.Exception, match="never served the model aggregated") as caught:
-        checks.check_without_its_prefill_the_model_is_served_aggregated(planted_router("no_aggregated_fallback"))
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "never served the model aggregated",
+                  checks.check_without_its_prefill_the_model_is_served_aggregated,
+                  planted_router("no_aggregated_fallback"), failure=pytest.fail.Exception)
 
 
 @pytest.mark.spec("4.1")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_reruns_a_failed_prefill_on_decode_is_caught(disagg, planted_router, record_property):
-    with pytest.raises(AssertionError, match="sent the request to the decode anyway") as caught:
-        checks.check_a_prefill_error_is_reported_and_not_retried_on_decode(planted_router("retry_prefill_on_decode"))
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "sent the request to the decode anyway",
+                  checks.check_a_prefill_error_is_reported_and_not_retried_on_decode,
+                  planted_router("retry_prefill_on_decode"))
 
 
 @pytest.mark.spec("R7")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_decodes_without_kv_transfer_params_is_caught(disagg, planted_router, record_property):
-    with pytest.raises(AssertionError, match="the decode recomputed the prompt silently") as caught:
-        checks.check_a_prefill_without_kv_transfer_params_is_an_error_not_a_recompute(
-            planted_router("retry_prefill_on_decode"))
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "the decode recomputed the prompt silently",
+                  checks.check_a_prefill_without_kv_transfer_params_is_an_error_not_a_recompute,
+                  planted_router("retry_prefill_on_decode"))
 
 
 @pytest.mark.spec("4.4")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_ends_the_stream_cleanly_when_its_decode_dies_is_caught(disagg, planted_router,
                                                                               record_property):
-    with pytest.raises(AssertionError, match="ends as if complete") as caught:
-        checks.check_a_decode_dying_mid_stream_gives_the_client_an_error(
-            planted_router("end_cleanly_on_decode_death"), "cut_stream")
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "ends as if complete",
+                  checks.check_a_decode_dying_mid_stream_gives_the_client_an_error,
+                  planted_router("end_cleanly_on_decode_death"), "cut_stream")
 
 
 @pytest.mark.spec("4.4")
 @pytest.mark.needs(ev.PLANTED_ROUTER)
 def test_a_router_that_decodes_for_a_client_that_left_is_caught(disagg, planted_router, record_property):
-    with pytest.raises(AssertionError, match="ran the decode for nobody") as caught:
-        checks.check_a_client_leaving_during_prefill_leaves_nothing_running(planted_router("decode_for_nobody"))
-    record_property("caught", str(caught.value).splitlines()[0])
+    checks.caught(record_property, "ran the decode for nobody",
+                  checks.check_a_client_leaving_during_prefill_leaves_nothing_running,
+                  planted_router("decode_for_nobody"))
