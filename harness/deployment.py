@@ -29,6 +29,7 @@ from harness.card_sources import CardRecord, serving_mode, source_dir, unique_la
 from harness.engines.launcher import Progress, stderr_progress
 from harness.engines.profiles import ROLES, EngineProfile
 from harness.interposer import InterposedEngine, Interposer, handle
+from harness.kv_geometry import model_kv_block_bytes
 from harness.openai_client import MODE_HEADER, OpenAIEndpoint
 
 EMBEDDED = "embedded"
@@ -121,6 +122,7 @@ class Deployment:
     store_server: Any = None  # an etcd this run started for the embedded deployment: what stops and restarts it
     interposed: dict[str, InterposedEngine] = field(default_factory=dict)  # role -> the relay in front of it
     frontend_command: list[str] | None = None  # --frontend-cmd, as started
+    model_dir: Path | None = None  # the served model's dir, where this run knows it (its KV geometry)
     _interposers: dict[str, Interposer] = field(default_factory=dict, repr=False)  # the relays this run started
     _endpoints: dict[str, OpenAIEndpoint] = field(default_factory=dict, repr=False)
     _versions: dict[str, str | None] = field(default_factory=dict, repr=False)
@@ -145,6 +147,13 @@ class Deployment:
 
     def url(self, role: str) -> str:
         return self.engines[role].url
+
+    def kv_block(self) -> tuple[int, int] | None:
+        """(block size, bytes one KV block of the served model takes), where this run knows the model
+        and the engines' cache dtype (a profile it launched: vLLM's cache dtype is the model dtype)."""
+        if self.profile is None or self.model_dir is None:
+            return None
+        return self.profile.block_size, model_kv_block_bytes(self.model_dir, self.profile.dtype, self.profile.block_size)
 
     def has(self, role: str) -> bool:
         return role in self.engines
@@ -356,7 +365,8 @@ def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, pytho
     cluster = Cluster(workdir / "cluster", model_dir, SERVED_NAME, block_size=profile.block_size,
                       protocol=profile.protocol, timeout_s=profile.request_timeout_s, store=store).start()
     deployment = Deployment(EMBEDDED, cache_root=cluster.cache_root, frontend_url=cluster.url, model=SERVED_NAME,
-                            profile=profile, cluster=cluster, workdir=workdir, log_dir=Path(log_dir), python=python,
+                            profile=profile, cluster=cluster, model_dir=Path(model_dir), workdir=workdir,
+                            log_dir=Path(log_dir), python=python,
                             launcher=launcher, extra_env=env, discovery=cluster.store.url, store_server=store_server)
     progress(f"[deployment {profile.name}] starting {', '.join(ROLES)} engines (logs: {log_dir}; "
              f"discovery: {deployment.discovery})")

@@ -219,6 +219,7 @@ def router_under_test(request, foreign: Deployment):
                                   launcher=config.getoption("launcher"))
         RUNNING.append(embedded)
         foreign.engines, foreign.profile, foreign.model = dict(embedded.engines), profile, foreign.model or SERVED_NAME
+        foreign.model_dir = embedded.model_dir
         relays = {role: embedded.interposed[role] for role in INTERPOSED_ROLES}
     else:
         missing = [r for r in INTERPOSED_ROLES if r not in foreign.engines]

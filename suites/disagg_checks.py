@@ -16,6 +16,7 @@ import requests
 
 from harness import evidence as ev
 from harness.engines.metrics import KV_SOURCE_QUANTITIES, Metrics, kv_sources
+from harness.kv_geometry import blocks_for
 
 WORDS = ("river mountain lantern copper violet harbor meadow falcon orchard compass ember glacier "
          "thunder willow saffron quartz pebble marble beacon canyon").split()
@@ -51,13 +52,25 @@ def need_kv_sources(metrics: Metrics) -> None:
     need_metrics(metrics, *KV_SOURCE_QUANTITIES)
 
 
-def assert_kv_moved(before: Metrics, after: Metrics, prompt_tokens: int, recompute_allowed: int = 0) -> dict:
+def assert_kv_moved(before: Metrics, after: Metrics, prompt_tokens: int, recompute_allowed: int = 0,
+                    block: tuple[int, int] | None = None) -> dict:
     """The decode engine got the prompt over the KV transfer and computed none of it (or, for a
-    connector that moves full blocks only, no more than the partial last block)."""
+    connector that moves full blocks only, no more than the partial last block). With `block`,
+    (block size, bytes a block of this model's KV takes), the bytes the engine says it moved are
+    exactly the transferred tokens' blocks: the KV that moved is the KV the model has (SPEC §4.1)."""
     sources = kv_sources(after, before)
     numbers = {"prompt_tokens": prompt_tokens, **sources}
     if (moved := after.delta(before, "kv_transfer_bytes")) is not None:
         numbers["transfer_bytes"] = moved
+        if block is not None and sources["external_kv_transfer"] > 0:
+            block_size, block_bytes = block
+            blocks = blocks_for(sources["external_kv_transfer"], block_size)
+            numbers |= {"blocks_transferred": blocks, "kv_block_bytes": block_bytes}
+            assert moved == blocks * block_bytes, (
+                f"NIXL moved {moved:.0f} bytes for {sources['external_kv_transfer']:.0f} transferred tokens: "
+                f"{blocks} blocks of this model's KV take {blocks * block_bytes} ({block_bytes} a block); "
+                f"{'fewer is a partial transfer' if moved < blocks * block_bytes else 'more is a wrong layout or a bad metric'}"
+                f" (SPEC §4.1) {numbers}")
     assert sources["local_compute"] <= recompute_allowed, (
         f"decode recomputed {sources['local_compute']:.0f} of {prompt_tokens} prompt tokens: the KV did not "
         f"move (kv_transfer_params dropped?) {numbers}")

@@ -77,7 +77,7 @@ def test_greedy_output_through_disagg_equals_aggregated(disagg, name, record_pro
         numbers = {"prompt_tokens": prompt_tokens(resp), **kv_sources(after, before)}
         assert numbers["local_compute"] <= recompute_allowed(disagg), f"decode recomputed a transferred prompt: {numbers}"
     else:
-        numbers = assert_kv_moved(before, after, prompt_tokens(resp), recompute_allowed(disagg))
+        numbers = assert_kv_moved(before, after, prompt_tokens(resp), recompute_allowed(disagg), disagg.kv_block())
     record_property("kv", numbers)
 
 
@@ -87,7 +87,7 @@ def test_the_kv_of_a_fresh_prompt_really_moves_to_decode(disagg, record_property
     need_kv_sources(before)
     resp = disagg.endpoint().complete(fresh_prompt(60))
     numbers = assert_kv_moved(before, Metrics.scrape(disagg.url("decode")), prompt_tokens(resp),
-                              recompute_allowed(disagg))
+                              recompute_allowed(disagg), disagg.kv_block())
     record_property("kv", numbers)
     if disagg.profile and disagg.profile.connector == "NixlConnector":
         assert numbers["transfer_bytes"] > 0, "NIXL reported no bytes transferred"
