@@ -22,7 +22,8 @@ from harness import evidence as ev
 pytestmark = [pytest.mark.spec("4.1", "4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.harness_code, pytest.mark.needs(ev.PLANTED_ROUTER)]
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("test_routed_requests.py", "test_worker_faults.py", "test_disagg_routing.py", "test_disagg_faults.py")
+SUITES = ("test_routed_requests.py", "test_worker_faults.py", "test_disagg_routing.py", "test_disagg_faults.py",
+          "test_under_load.py")
 COMMAND = ("vllm-router --vllm-pd-disaggregation --prefill {prefill_url} --decode {decode_url} --host {host} "
            "--port {port} --prometheus-host 127.0.0.1 --prometheus-port {metrics_port} --policy round_robin")
 # What vllm-router 0.1.17 does differently from SPEC, as the suites found it by running it here

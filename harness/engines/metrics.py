@@ -39,6 +39,10 @@ QUANTITIES: dict[str, list[tuple[str, Source]]] = {
     # aborted stream there (measured: 0 after a client left at 5 of 900 tokens), so it is no evidence.
     "aborted_requests": [("dynamo", Source("dynamo_component_cancellation"))],
     "kv_transfer_bytes": [("vllm", Source("vllm:nixl_bytes_transferred"))],
+    # Under load (SPEC §8), names from vLLM 0.32.0 (v1/metrics/loggers.py, nixl/stats.py).
+    "kv_cache_usage": [("vllm", Source("vllm:kv_cache_usage_perc")), ("sglang", Source("sglang:token_usage"))],
+    "kv_transfers_failed": [("vllm", Source("vllm:nixl_num_failed_transfers"))],
+    "kv_expired_requests": [("vllm", Source("vllm:nixl_num_kv_expired_reqs"))],
 }
 for _source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
     QUANTITIES[f"prompt_tokens_{_source}"] = [("vllm", Source("vllm:prompt_tokens_by_source", (("source", _source),)))]

@@ -1,0 +1,196 @@
+"""What holds for one request holds for many at once, exactly, by the engines' own counters (SPEC §8).
+
+A burst: a closed loop of C clients sends N greedy requests (fresh prompts shorter than a block to
+several blocks, repeats of one shared prefix; completions and chat; streamed and not) through the
+frontend under test. Then, from the engines' counters over the burst:
+- every response is complete (a finish_reason; `[DONE]` when streamed), none is an error;
+- the decode's prompt tokens by source sum to the disaggregated requests' prompt tokens, and
+  none are `local_compute`: a router that drops `kv_transfer_params` now and then is seen here,
+  where a single-request check sees it one time in five;
+- the `cached_tokens` the clients were told sum to the prefill's prefix hits;
+- the bytes NIXL moved are exactly the transferred blocks of this model's KV;
+- afterwards, within a bound, no engine runs a request, KV usage is back to its value before the
+  burst, and no KV transfer failed or expired.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+import pytest
+
+from harness.deployment import Deployment
+from harness.engines.metrics import Metrics, kv_sources
+from harness.openai_client import routing_mode
+from suites.disagg_checks import fresh_prompt
+
+CONCURRENCY = 16
+REQUESTS = 64
+MAX_TOKENS = 8
+SETTLE_WITHIN_S = 30.0
+SHARED_PREFIX = ("A shared system preamble that every repeat of the burst starts with, long enough to fill "
+                 "several blocks of the prefix cache: the river, the mountain, the lantern and the harbor. ") * 2
+
+
+@dataclass
+class Answer:
+    """One request of the burst, as the client saw it."""
+
+    n: int
+    kind: str  # prompt shape / api / streamed
+    status: int | None = None
+    mode: str = "unknown"
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # None: the usage had no prompt_tokens_details
+    finish_reason: str | None = None
+    done: bool | None = None  # streamed: [DONE] seen
+    error: str | None = None
+
+
+def prompt_for(n: int) -> str:
+    shape = n % 4
+    if shape == 3:
+        return SHARED_PREFIX + f"Variant {n} {os.urandom(4).hex()}."
+    return fresh_prompt((3, 20, 60)[shape])
+
+
+def ask(deployment: Deployment, n: int, timeout_s: float = 120.0) -> Answer:
+    endpoint = deployment.endpoint()
+    chat, stream = n % 3 == 0, n % 2 == 1
+    prompt = prompt_for(n)
+    answer = Answer(n, f"{('short', 'one-block', 'several-blocks', 'shared-prefix')[n % 4]}/"
+                       f"{'chat' if chat else 'completion'}/{'stream' if stream else 'whole'}")
+    body = {"model": endpoint.model, "max_tokens": MAX_TOKENS, "temperature": 0.0, **endpoint.dialect}
+    body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    url = f"{endpoint.url}/v1/{'chat/completions' if chat else 'completions'}"
+    try:
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(timeout_s, connect=10)) as resp:
+                # a stream's routing is read from its headers alone: its body is not read yet
+                answer.status, answer.mode = resp.status_code, resp.headers.get("x-disagg-mode", "unknown")
+                usage = None
+                for line in resp.iter_lines():
+                    if line == "data: [DONE]":
+                        answer.done = True
+                    elif line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk and not chunk.get("choices"):
+                            answer.error = str(chunk["error"])[:200]
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices") or []:
+                            answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+                answer.done = bool(answer.done)
+        else:
+            resp = httpx.post(url, json=body, timeout=httpx.Timeout(timeout_s, connect=10))
+            answer.status, answer.mode = resp.status_code, routing_mode(resp)
+            data = resp.json() if resp.status_code == 200 else {}
+            if resp.status_code != 200:
+                answer.error = resp.text[:200]
+            usage = data.get("usage")
+            answer.finish_reason = ((data.get("choices") or [{}])[0] or {}).get("finish_reason")
+    except (httpx.HTTPError, ValueError) as exc:
+        answer.error = f"{type(exc).__name__}: {exc}"
+        return answer
+    if usage:
+        answer.prompt_tokens = usage.get("prompt_tokens")
+        details = usage.get("prompt_tokens_details")
+        answer.cached_tokens = details.get("cached_tokens") if isinstance(details, dict) else None
+    return answer
+
+
+def scrape(deployment: Deployment) -> dict[str, Metrics]:
+    return {role: Metrics.scrape(deployment.url(role)) for role in ("prefill", "decode")}
+
+
+def delta(after: dict[str, Metrics], before: dict[str, Metrics], role: str, quantity: str) -> float | None:
+    return after[role].delta(before[role], quantity)
+
+
+def settle(deployment: Deployment, before: dict[str, Metrics]) -> dict:
+    """Wait (bounded) until no engine runs a request and KV usage is back where it was."""
+    started = time.monotonic()
+    while True:
+        now = scrape(deployment)
+        state = {role: {"running": now[role].get("requests_running"), "kv_usage": now[role].get("kv_cache_usage"),
+                        "kv_usage_before": before[role].get("kv_cache_usage")} for role in now}
+        quiet = all((s["running"] in (0, None)) and (s["kv_usage"] is None or s["kv_usage"] <= s["kv_usage_before"] + 1e-9)
+                    for s in state.values())
+        if quiet or time.monotonic() - started > SETTLE_WITHIN_S:
+            return {"settled_after_s": round(time.monotonic() - started, 1), "quiet": quiet, "engines": state,
+                    "metrics": now}
+        time.sleep(0.25)
+
+
+def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
+                                           requests: int = REQUESTS) -> dict:
+    before = scrape(deployment)
+    relay_marks = {role: relay.mark() for role, relay in deployment.interposed.items()}
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda n: ask(deployment, n), range(requests)))
+    numbers: dict = {"requests": requests, "concurrency": concurrency, "burst_s": round(time.monotonic() - started, 1)}
+    settled = settle(deployment, before)
+    after = settled.pop("metrics")
+    numbers["drain"] = settled
+    broken = [asdict(a) for a in answers if a.status != 200 or a.error or not a.finish_reason or a.done is False]
+    numbers["errors"] = len(broken)
+    assert not broken, f"{len(broken)} of {requests} answers were errors or incomplete, e.g. {broken[:3]} {numbers}"
+    modes = {a.mode for a in answers}
+    numbers["modes"] = sorted(modes)
+    if modes == {"unknown"} and "decode" in deployment.interposed:  # the relay saw what the frontend does not say
+        pulled = [e for e in deployment.interposed["decode"].exchanges(relay_marks["decode"])
+                  if ((e.body or {}).get("kv_transfer_params") or {}).get("do_remote_prefill")]
+        numbers["decode_requests_with_kv_to_pull"] = len(pulled)
+        modes = {"disaggregated"} if len(pulled) == requests else modes
+    if modes != {"disaggregated"}:
+        pytest.skip(f"needs every request of the burst disaggregated, as the frontend reports it per response "
+                    f"(x-disagg-mode) or the decode's relay saw it: it reported {sorted(modes)}")
+    missing = [a.n for a in answers if a.prompt_tokens is None]
+    assert not missing, f"answers without usage.prompt_tokens: {missing[:10]}"
+    decode = kv_sources(after["decode"], before["decode"])
+    prompt_total = sum(a.prompt_tokens for a in answers)
+    told_cached = sum(a.cached_tokens or 0 for a in answers)
+    prefill_hits = delta(after, before, "prefill", "prompt_tokens_local_cache_hit")
+    numbers["accounting"] = {"clients_prompt_tokens": prompt_total, **{f"decode_{k}": v for k, v in decode.items()},
+                             "clients_cached_tokens": told_cached,
+                             "answers_without_prompt_tokens_details": sum(a.cached_tokens is None for a in answers),
+                             "prefill_local_cache_hit": prefill_hits}
+    if None in decode.values() or prefill_hits is None:
+        pytest.skip(f"needs engine evidence: prompt tokens by source on both engines {numbers['accounting']}")
+    assert decode["local_compute"] == 0, (
+        f"over the burst the decode computed {decode['local_compute']:.0f} prompt tokens itself: some requests' KV "
+        f"did not move (kv_transfer_params dropped now and then?) {numbers['accounting']}")
+    assert sum(decode.values()) == prompt_total, (
+        f"the decode accounted {sum(decode.values()):.0f} prompt tokens by source for {prompt_total} the clients "
+        f"were told {numbers['accounting']}")
+    assert told_cached == prefill_hits, (
+        f"the clients were told {told_cached} cached tokens in all, the prefill counted {prefill_hits:.0f} prefix "
+        f"hits: some usage is not the prefill's {numbers['accounting']}")
+    block = deployment.kv_block()
+    moved = delta(after, before, "decode", "kv_transfer_bytes")
+    if block is not None and moved is not None:
+        block_size, block_bytes = block
+        decode_hit_blocks = decode["local_cache_hit"] / block_size
+        blocks = sum(math.ceil(a.prompt_tokens / block_size) for a in answers) - decode_hit_blocks
+        numbers["kv_bytes"] = {"moved": moved, "expected": blocks * block_bytes, "blocks": blocks,
+                               "kv_block_bytes": block_bytes}
+        assert moved == blocks * block_bytes, (
+            f"NIXL moved {moved:.0f} bytes over the burst; its {blocks:.0f} transferred blocks of this model's KV take "
+            f"{blocks * block_bytes:.0f} (SPEC §4.1) {numbers['kv_bytes']}")
+    assert settled["quiet"], (
+        f"{SETTLE_WITHIN_S:.0f} s after the burst the engines are not idle again: {settled['engines']}")
+    for quantity in ("kv_transfers_failed", "kv_expired_requests"):
+        for role in ("prefill", "decode"):
+            value = delta(after, before, role, quantity)
+            numbers.setdefault("kv_faults", {})[f"{role}_{quantity}"] = value
+            assert value in (0, None), f"the {role} counted {value:.0f} {quantity} over the burst {numbers['kv_faults']}"
+    numbers["answers"] = [asdict(a) for a in answers]
+    return numbers
