@@ -85,13 +85,12 @@ def _up(args: argparse.Namespace) -> int:
 
 def _interpose(args: argparse.Namespace) -> int:
     """Relays in front of a router's engines, for a router started elsewhere; until Ctrl-C or SIGTERM."""
+    from harness.engines.external import role_url
     from harness.interposer import Interposer
 
     relays = []
     for value in args.engine:
-        role, sep, url = value.partition("=")
-        if not sep or role not in ("prefill", "decode") or not url.startswith(("http://", "https://")):
-            raise HarnessError(f"--engine {value!r} must be ROLE=URL with ROLE prefill or decode")
+        role, url = role_url(value, "--engine", ("prefill", "decode"))
         relays.append(Interposer(role, url, port=args.port_base + 2 * len(relays) if args.port_base else 0,
                                  control_port=args.port_base + 2 * len(relays) + 1 if args.port_base else 0))
     stop = threading.Event()

@@ -131,6 +131,11 @@ class Deployment:
     def embedded(self) -> bool:
         return self.kind == EMBEDDED
 
+    @property
+    def on_etcd(self) -> bool:
+        """Its workers register in etcd (an etcd this run started, or one given by URL)."""
+        return (self.discovery or "").startswith("etcd")
+
     # ---- cards
 
     def local_dir(self, c: CardUnderTest) -> Path:

@@ -81,6 +81,7 @@ def commit_info(cwd: str | os.PathLike = ".") -> dict[str, Any]:
 
 def build_report(deployment: dict[str, Any], checks: list[dict[str, Any]], root: str | os.PathLike = ".") -> dict:
     summary = {o: sum(1 for c in checks if c["outcome"] == o) for o in OUTCOMES}
+    ordered = sorted(checks, key=lambda c: c["id"])
     return {
         "schema": 1,
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -88,8 +89,8 @@ def build_report(deployment: dict[str, Any], checks: list[dict[str, Any]], root:
         "machine": machine_info(),
         "commit": commit_info(root),
         "summary": {k: v for k, v in summary.items() if v} | {"total": len(checks)},
-        "unavailable_profiles": unavailable_profiles(sorted(checks, key=lambda c: c["id"])),
-        "checks": sorted(checks, key=lambda c: c["id"]),
+        "unavailable_profiles": unavailable_profiles(ordered),
+        "checks": ordered,
     }
 
 
@@ -126,7 +127,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              f" ({report['machine']['cpu_count']} cores), commit `{(report['commit'].get('id') or '?')[:12]}`"
              f"{' (dirty)' if report['commit'].get('dirty') else ''}",
              "- Summary: " + ", ".join(f"{v} {k}" for k, v in report["summary"].items())]
-    not_run = unavailable_profiles(report["checks"])
+    not_run = report.get("unavailable_profiles")
+    if not_run is None:  # a report written before the field existed
+        not_run = unavailable_profiles(report["checks"])
     if not_run:
         lines.append("- Profiles this host cannot run (their checks skipped, one row each below): "
                      + ", ".join(f"{u['profile']} ({u['checks']} checks)" for u in not_run))
@@ -143,30 +146,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         counts = [sum(1 for c in report["checks"] if section in c["spec"] and c["outcome"] == o) for o in OUTCOMES]
         lines.append(f"| {section} | " + " | ".join(str(n) if n else "" for n in counts) + " |")
     lines += ["", "## Checks", "", "| outcome | check | SPEC | seconds | note |", "|---|---|---|---:|---|"]
-    lines += _check_rows(report["checks"])
+    lines += _check_rows(report["checks"], not_run)
     return "\n".join(lines + _request_tables(report["checks"])) + "\n"
 
 
-def _check_rows(checks: list[dict[str, Any]]) -> list[str]:
-    """A row per check; the checks of a profile this host cannot run, one row for the profile."""
+def _check_rows(checks: list[dict[str, Any]], not_run: list[dict[str, Any]]) -> list[str]:
+    """A row per check; the checks of a profile this host cannot run (`not_run`), one row for the
+    profile, where its first check would stand."""
+    profiles = [(profile_unavailable(c) or (None,))[0] for c in checks]
     groups: dict[str, list[dict[str, Any]]] = {}
-    for c in checks:
-        hit = profile_unavailable(c)
-        if hit:
-            groups.setdefault(hit[0], []).append(c)
-    reasons = {u["profile"]: u["reason"] for u in unavailable_profiles(checks)}
+    for profile, c in zip(profiles, checks):
+        if profile is not None:
+            groups.setdefault(profile, []).append(c)
+    reasons = {u["profile"]: u["reason"] for u in not_run}
     rows = []
-    for c in checks:
-        hit = profile_unavailable(c)
-        if hit is None:
+    for profile, c in zip(profiles, checks):
+        if profile is None:
             note = c.get("message") or _properties_note(c.get("properties") or {})
             rows.append(f"| {c['outcome']} | {_md_escape(c['name'])} | {', '.join(c['spec'])} "
                         f"| {c['duration_s']:.3f} | {_md_escape(note)[:200]} |")
-        elif c is groups[hit[0]][0]:  # the profile's row stands where its first check would
-            group = groups[hit[0]]
+        elif c is groups[profile][0]:
+            group = groups[profile]
             spec = sorted({s for g in group for s in g["spec"]}, key=_section_key)
-            rows.append(f"| skipped | profile {hit[0]}: {len(group)} checks | {', '.join(spec)} "
-                        f"| {sum(g['duration_s'] for g in group):.3f} | {_md_escape(reasons[hit[0]])[:300]} |")
+            rows.append(f"| skipped | profile {profile}: {len(group)} checks | {', '.join(spec)} "
+                        f"| {sum(g['duration_s'] for g in group):.3f} | {_md_escape(reasons[profile])[:300]} |")
     return rows
 
 

