@@ -11,13 +11,14 @@ frontend under test. Then, from the engines' counters over the burst:
 - the bytes NIXL moved are exactly the transferred blocks of this model's KV;
 - afterwards, within a bound, no engine runs a request, KV usage is back to its value before the
   burst, and no KV transfer failed or expired.
+The burst starts once the engines are idle (bounded), so what an earlier check left pending is
+not counted as the burst's.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,8 +28,10 @@ import pytest
 
 from harness.deployment import Deployment
 from harness.engines.metrics import Metrics, kv_sources
+from harness.kv_geometry import blocks_for
 from harness.openai_client import routing_mode
 from suites.disagg_checks import fresh_prompt
+from suites.interposed_checks import marks
 
 CONCURRENCY = 16
 REQUESTS = 64
@@ -114,14 +117,15 @@ def delta(after: dict[str, Metrics], before: dict[str, Metrics], role: str, quan
     return after[role].delta(before[role], quantity)
 
 
-def settle(deployment: Deployment, before: dict[str, Metrics]) -> dict:
-    """Wait (bounded) until no engine runs a request and KV usage is back where it was."""
+def settle(deployment: Deployment, kv_usage_at_most: dict[str, float | None]) -> dict:
+    """Wait (bounded) until no engine runs a request and each engine's KV usage is at most the given value."""
     started = time.monotonic()
     while True:
         now = scrape(deployment)
         state = {role: {"running": now[role].get("requests_running"), "kv_usage": now[role].get("kv_cache_usage"),
-                        "kv_usage_before": before[role].get("kv_cache_usage")} for role in now}
-        quiet = all((s["running"] in (0, None)) and (s["kv_usage"] is None or s["kv_usage"] <= s["kv_usage_before"] + 1e-9)
+                        "kv_usage_before": kv_usage_at_most.get(role)} for role in now}
+        quiet = all((s["running"] in (0, None)) and (s["kv_usage"] is None or s["kv_usage_before"] is None
+                                                      or s["kv_usage"] <= s["kv_usage_before"] + 1e-9)
                     for s in state.values())
         if quiet or time.monotonic() - started > SETTLE_WITHIN_S:
             return {"settled_after_s": round(time.monotonic() - started, 1), "quiet": quiet, "engines": state,
@@ -129,17 +133,25 @@ def settle(deployment: Deployment, before: dict[str, Metrics]) -> dict:
         time.sleep(0.25)
 
 
+def idle_baseline(deployment: Deployment) -> tuple[dict[str, Metrics], dict]:
+    """The engines' counters once nothing an earlier check left is pending: a prefill holding the
+    blocks of a decode that never came (a router that dropped kv_transfer_params) frees them only
+    when their lease ends, and counts them as expired then, which is not the burst's doing."""
+    waited = settle(deployment, {"prefill": 0.0, "decode": 0.0})
+    return waited.pop("metrics"), waited
+
+
 def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
                                            requests: int = REQUESTS) -> dict:
-    before = scrape(deployment)
-    relay_marks = {role: relay.mark() for role, relay in deployment.interposed.items()}
+    before, waited = idle_baseline(deployment)
+    relay_marks = marks(deployment)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         answers = list(pool.map(lambda n: ask(deployment, n), range(requests)))
     numbers: dict = {"requests": requests, "concurrency": concurrency, "burst_s": round(time.monotonic() - started, 1)}
-    settled = settle(deployment, before)
+    settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
     after = settled.pop("metrics")
-    numbers["drain"] = settled
+    numbers["idle_before_after_s"], numbers["drain"] = waited["settled_after_s"], settled
     broken = [asdict(a) for a in answers if a.status != 200 or a.error or not a.finish_reason or a.done is False]
     numbers["errors"] = len(broken)
     assert not broken, f"{len(broken)} of {requests} answers were errors or incomplete, e.g. {broken[:3]} {numbers}"
@@ -179,7 +191,7 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
     if block is not None and moved is not None:
         block_size, block_bytes = block
         decode_hit_blocks = decode["local_cache_hit"] / block_size
-        blocks = sum(math.ceil(a.prompt_tokens / block_size) for a in answers) - decode_hit_blocks
+        blocks = sum(blocks_for(a.prompt_tokens, block_size) for a in answers) - decode_hit_blocks
         numbers["kv_bytes"] = {"moved": moved, "expected": blocks * block_bytes, "blocks": blocks,
                                "kv_block_bytes": block_bytes}
         assert moved == blocks * block_bytes, (
