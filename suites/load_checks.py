@@ -36,7 +36,10 @@ from suites.interposed_checks import marks
 CONCURRENCY = 16
 REQUESTS = 64
 MAX_TOKENS = 8
-SETTLE_WITHIN_S = 30.0
+# KV held for a decode that never came is freed when the prefill's lease ends, so "idle again"
+# is waited for a lease and a margin: the run's profile's lease, or vLLM's default (30 s).
+VLLM_DEFAULT_KV_LEASE_S = 30.0
+SETTLE_MARGIN_S = 10.0
 SHARED_PREFIX = ("A shared system preamble that every repeat of the burst starts with, long enough to fill "
                  "several blocks of the prefix cache: the river, the mountain, the lantern and the harbor. ") * 2
 
@@ -117,9 +120,14 @@ def delta(after: dict[str, Metrics], before: dict[str, Metrics], role: str, quan
     return after[role].delta(before[role], quantity)
 
 
+def settle_within_s(deployment: Deployment) -> float:
+    lease = deployment.profile.kv_lease_s if deployment.profile else VLLM_DEFAULT_KV_LEASE_S
+    return lease + SETTLE_MARGIN_S
+
+
 def settle(deployment: Deployment, kv_usage_at_most: dict[str, float | None]) -> dict:
     """Wait (bounded) until no engine runs a request and each engine's KV usage is at most the given value."""
-    started = time.monotonic()
+    started, within_s = time.monotonic(), settle_within_s(deployment)
     while True:
         now = scrape(deployment)
         state = {role: {"running": now[role].get("requests_running"), "kv_usage": now[role].get("kv_cache_usage"),
@@ -127,7 +135,7 @@ def settle(deployment: Deployment, kv_usage_at_most: dict[str, float | None]) ->
         quiet = all((s["running"] in (0, None)) and (s["kv_usage"] is None or s["kv_usage_before"] is None
                                                       or s["kv_usage"] <= s["kv_usage_before"] + 1e-9)
                     for s in state.values())
-        if quiet or time.monotonic() - started > SETTLE_WITHIN_S:
+        if quiet or time.monotonic() - started > within_s:
             return {"settled_after_s": round(time.monotonic() - started, 1), "quiet": quiet, "engines": state,
                     "metrics": now}
         time.sleep(0.25)
@@ -141,6 +149,30 @@ def idle_baseline(deployment: Deployment) -> tuple[dict[str, Metrics], dict]:
     return waited.pop("metrics"), waited
 
 
+def handoffs(deployment: Deployment, since: dict[str, int]) -> dict | None:
+    """How long the router held each prefill's answer before it sent the decode the KV to pull,
+    by the relays' clocks (the prefill's remote_request_id ties the two). The prefill's KV lease
+    runs from its answer until the decode takes the request and heartbeats it: a handoff longer
+    than the lease is KV that expires unread."""
+    if not {"prefill", "decode"} <= set(deployment.interposed):
+        return None
+    answered = {}
+    for ex in deployment.interposed["prefill"].exchanges(since["prefill"]):
+        ktp = (ex.response or {}).get("kv_transfer_params") if isinstance(ex.response, dict) else None
+        if isinstance(ktp, dict) and ktp.get("remote_request_id") and ex.ended:
+            answered[ktp["remote_request_id"]] = ex.ended
+    gaps = []
+    for ex in deployment.interposed["decode"].exchanges(since["decode"]):
+        ktp = (ex.body or {}).get("kv_transfer_params") if isinstance(ex.body, dict) else None
+        rid = ktp.get("remote_request_id") if isinstance(ktp, dict) else None
+        if rid in answered:
+            gaps.append(ex.started - answered[rid])
+    if not gaps:
+        return None
+    gaps.sort()
+    return {"handed_off": len(gaps), "p50_s": round(gaps[len(gaps) // 2], 3), "max_s": round(gaps[-1], 3)}
+
+
 def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
                                            requests: int = REQUESTS) -> dict:
     before, waited = idle_baseline(deployment)
@@ -152,6 +184,7 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
     settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
     after = settled.pop("metrics")
     numbers["idle_before_after_s"], numbers["drain"] = waited["settled_after_s"], settled
+    numbers["prefill_to_decode_handoff"] = handoffs(deployment, relay_marks)
     broken = [asdict(a) for a in answers if a.status != 200 or a.error or not a.finish_reason or a.done is False]
     numbers["errors"] = len(broken)
     assert not broken, f"{len(broken)} of {requests} answers were errors or incomplete, e.g. {broken[:3]} {numbers}"
@@ -198,11 +231,12 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
             f"NIXL moved {moved:.0f} bytes over the burst; its {blocks:.0f} transferred blocks of this model's KV take "
             f"{blocks * block_bytes:.0f} (SPEC §4.1) {numbers['kv_bytes']}")
     assert settled["quiet"], (
-        f"{SETTLE_WITHIN_S:.0f} s after the burst the engines are not idle again: {settled['engines']}")
+        f"{settle_within_s(deployment):.0f} s after the burst the engines are not idle again: {settled['engines']}")
     for quantity in ("kv_transfers_failed", "kv_expired_requests"):
         for role in ("prefill", "decode"):
             value = delta(after, before, role, quantity)
             numbers.setdefault("kv_faults", {})[f"{role}_{quantity}"] = value
-            assert value in (0, None), f"the {role} counted {value:.0f} {quantity} over the burst {numbers['kv_faults']}"
+            assert value in (0, None), (f"the {role} counted {value:.0f} {quantity} over the burst {numbers['kv_faults']}; "
+                                        f"the router's prefill-to-decode handoff: {numbers['prefill_to_decode_handoff']}")
     numbers["answers"] = [asdict(a) for a in answers]
     return numbers

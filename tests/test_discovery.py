@@ -55,6 +55,38 @@ def test_a_health_check_that_times_out_on_a_loaded_host_does_not_let_the_lease_l
     assert "had lapsed" not in caplog.text
 
 
+def test_an_engine_slower_to_answer_health_than_a_renewal_period_keeps_its_lease(make_cluster, fake_engines,
+                                                                                   caplog):
+    """Lease 4 s, a renewal every 1 s: every /health answers after 1.6 s, as vLLM's did on a
+    2-core CI host under a burst of 16 streams. Slow is alive; the entry stays. (With each probe
+    cut off after one renewal period, every renewal was skipped and the lease lapsed, taking the
+    model off the frontend mid-burst: 503 'no decode or aggregated worker'.)"""
+    cluster = make_cluster(lease_s=4.0)
+    decode = fake_engines("decode", health_delays_s=(1.6,))
+    key = cluster.register(decode).entry.key
+    deadline, gaps = time.monotonic() + 10, []
+    with caplog.at_level(logging.WARNING, logger="harness.worker.registration"):
+        while time.monotonic() < deadline:
+            if key not in cluster.store.entries():
+                gaps.append(round(deadline - time.monotonic(), 1))
+            time.sleep(0.1)
+    assert not gaps, f"the entry was missing from the store {len(gaps)} times (seconds before the end: {gaps})"
+    assert "had lapsed" not in caplog.text and "not renewing" not in caplog.text
+
+
+def test_an_engine_that_stops_answering_health_loses_its_entry_within_two_leases(make_cluster, fake_engines):
+    """A hung engine (its port open, no answer) is not alive: lease 3 s, gone within 6 s and a margin."""
+    cluster = make_cluster(lease_s=3.0)
+    decode = fake_engines("decode")
+    key = cluster.register(decode).entry.key
+    cluster.wait_for_roles({"decode"})
+    decode.state.health_delays_s = (8.0,)
+    hung_at = time.monotonic()
+    cluster.wait_for_roles(set(), timeout_s=12)
+    assert key not in cluster.store.entries()
+    assert time.monotonic() - hung_at <= 2 * 3.0 + 2.5, "a hung engine kept its entry past two leases"
+
+
 def test_a_prefill_worker_alone_exposes_no_model(cluster, fake_engines):
     cluster.register(fake_engines("prefill"))
     cluster.wait_for_roles({"prefill"})

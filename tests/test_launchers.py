@@ -102,7 +102,7 @@ def test_the_cpu_profile_runs_vllm_with_nixl_on_a_cpu_buffer_pinned_per_role(tmp
     assert prefill.command[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     config = json.loads(prefill.command[prefill.command.index("--kv-transfer-config") + 1])
     assert config == {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu",
-                      "kv_connector_extra_config": {"kv_lease_duration": 10}}
+                      "kv_connector_extra_config": {"kv_lease_duration": 30}}
     assert json.loads(decode.command[decode.command.index("--kv-transfer-config") + 1])["kv_role"] == "kv_consumer"
     assert prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601" and decode.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5602"
     assert prefill.cores == {0} and decode.cores == {1}

