@@ -27,6 +27,7 @@ from harness import evidence as ev
 from harness.card import ModelCard, hash_file
 from harness.card_sources import CardRecord, serving_mode, source_dir, unique_labels
 from harness.engines.launcher import Progress, stderr_progress
+from harness.engines.metrics import Metrics
 from harness.engines.profiles import ROLES, EngineProfile
 from harness.interposer import InterposedEngine, Interposer, handle
 from harness.kv_geometry import model_kv_block_bytes
@@ -107,6 +108,7 @@ class Deployment:
     cache_root: Path | None = None
     cards: list[CardUnderTest] = field(default_factory=list)
     frontend_url: str | None = None
+    frontend_metrics_url: str | None = None  # its Prometheus /metrics, where not at frontend_url
     model: str | None = None  # the served model name the serving checks use
     # role -> EngineProcess | DockerEngine | ExternalEngine; several engines of one role: "role:n"
     engines: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +200,17 @@ class Deployment:
             return None if not missing else need.lacking(f"no relay in front of the {' and '.join(missing)} engine")
         if need is ev.AGGREGATED_REFERENCE:
             return None if self.has("aggregated") else need.lacking()
+        if need is ev.FRONTEND_METRICS:
+            if (missing := self.lacks(ev.FRONTEND)) is not None:
+                return missing
+            try:
+                metrics = self.frontend_metrics()
+            except Exception as exc:  # no /metrics there, or not Prometheus text
+                return need.lacking(f"{self.metrics_url_of_frontend()}/metrics: {type(exc).__name__}: {exc}"[:300])
+            if metrics.source("frontend_worker_requests_in_flight") is None and \
+                    metrics.source("frontend_requests_in_flight") is None:
+                return need.lacking(metrics.missing("frontend_requests_in_flight", "frontend_worker_requests_in_flight"))
+            return None
         if need.key.startswith("metrics:"):
             return None if self.has(need.key.split(":", 1)[1]) else need.lacking()
         if (missing := self.lacks(ev.FRONTEND)) is not None:
@@ -211,6 +224,16 @@ class Deployment:
         if need is ev.ENGINE_REQUEST_IDS:
             return None if "x-disagg-decode-engine-request-id" in endpoint.probe_headers else need.lacking()
         raise ValueError(f"unknown evidence {need.key}")
+
+    def lacks_frontend_metrics(self) -> str | None:
+        return self.lacks(ev.FRONTEND_METRICS)
+
+    def metrics_url_of_frontend(self) -> str | None:
+        return self.frontend_metrics_url or self.frontend_url
+
+    def frontend_metrics(self) -> Metrics:
+        """One scrape of the frontend's own /metrics."""
+        return Metrics.scrape(self.metrics_url_of_frontend())
 
     def describe(self) -> dict[str, Any]:
         for e in self.engines.values():  # asked once per engine: describe() runs for every check
@@ -275,7 +298,8 @@ class Deployment:
                 self.cluster.register(InterposedWorker(engine, self.interpose(role, engine.url)))
             elif role != "aggregated":
                 self.cluster.register(engine)
-        self.cluster.wait_for_roles({r for r in self.engines if r != "aggregated"}, timeout_s=60)
+        wanted = {r for r in started if r != "aggregated"}  # served by the frontend (others may be too)
+        self.cluster.wait_until(lambda c: wanted <= c.roles_served(), f"frontend serving {sorted(wanted)}", timeout_s=60)
 
     def interpose(self, role: str, engine_url: str) -> Interposer:
         """A relay of this run's in front of `role`'s engine (the one before it, if any, is stopped)."""

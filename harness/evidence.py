@@ -54,6 +54,11 @@ INTERPOSED = Evidence("interposed", "the suite's own relays between the router a
                       "`python -m harness interpose` and give --interposed ROLE=CONTROL_URL")
 
 
+FRONTEND_METRICS = Evidence("frontend_metrics", "the frontend's own Prometheus /metrics with a count of the requests "
+                            "it has in flight", "give --frontend-metrics-url URL where they are not on --frontend-url "
+                            "(vllm-router serves them on its --prometheus-port; with --frontend-cmd, use {metrics_port})")
+
+
 def engine_metrics(role: str) -> Evidence:
     return Evidence(f"metrics:{role}", f"the {role} engine's /metrics", f"give --engine-url {role}=URL "
                     f"(for Dynamo workers: their DYN_SYSTEM_PORT status server)")

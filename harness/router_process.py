@@ -29,9 +29,10 @@ class FrontendCommandError(HarnessError):
     pass
 
 
-def fill_template(template: str, port: int, engines: dict[str, str], host: str = "127.0.0.1") -> list[str]:
+def fill_template(template: str, port: int, engines: dict[str, str], host: str = "127.0.0.1",
+                  metrics_port: int | None = None) -> list[str]:
     """The command for `template` with its placeholders filled; an unknown one is an error naming it."""
-    values = {"host": host, "port": str(port), "metrics_port": str(free_port())}  # a router's metrics server
+    values = {"host": host, "port": str(port), "metrics_port": str(metrics_port or free_port())}
     for role, url in engines.items():
         parts = urllib.parse.urlsplit(url)
         values |= {f"{role}_url": url, f"{role}_host": parts.hostname or "", f"{role}_port": str(parts.port or "")}
@@ -68,8 +69,10 @@ class RouterProcess(EngineProcess):
     """The router under test, in its own process group, logging to `log_dir/frontend-under-test.log`."""
 
     def __init__(self, template: str, engines: dict[str, str], log_dir: Path, env: dict[str, str] | None = None):
-        port = free_port()
-        self.command = fill_template(template, port, engines)
+        port, metrics_port = free_port(), free_port()
+        self.command = fill_template(template, port, engines, metrics_port=metrics_port)
+        # A router that runs its metrics server where the suite said ({metrics_port}) is scraped there.
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}" if "{metrics_port}" in template else None
         super().__init__(LaunchSpec("frontend-under-test", "frontend", self.command, env or {}, port), log_dir)
 
     def healthy(self, timeout: float = 2.0) -> bool:

@@ -86,7 +86,8 @@ def foreign_deployment(config: pytest.Config) -> Deployment:
     cache_root = config.getoption("cache_root")
     return Deployment(FOREIGN, cache_root=Path(cache_root).expanduser() if cache_root else None,
                       cards=cards_from_records(records), frontend_url=frontend_url, model=model, engines=engines,
-                      discovery=config.getoption("discovery"), interposed=interposed)
+                      discovery=config.getoption("discovery"), interposed=interposed,
+                      frontend_metrics_url=(config.getoption("frontend_metrics_url") or "").rstrip("/") or None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -233,6 +234,7 @@ def router_under_test(request, foreign: Deployment):
         except HarnessError as exc:
             pytest.exit(f"--frontend-cmd: {exc}", returncode=4)
         foreign.frontend_url, foreign.frontend_command = router.url, router.command
+        foreign.frontend_metrics_url = router.metrics_url or foreign.frontend_metrics_url
         foreign.endpoint()
         if foreign.has("aggregated"):
             foreign.engine_endpoint("aggregated")

@@ -47,6 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "real engines, or --engine-url's), and stops it by process group. E.g. 'vllm-router "
                          "--vllm-pd-disaggregation --prefill {prefill_url} --decode {decode_url} --host {host} "
                          "--port {port}'")
+    group.addoption("--frontend-metrics-url", metavar="URL", default=None,
+                    help="the frontend's own Prometheus /metrics, where it is not served at --frontend-url "
+                         "(vllm-router: its --prometheus-host/--prometheus-port). With --frontend-cmd, a template "
+                         "with {metrics_port} is scraped there")
     group.addoption("--interposed", metavar="ROLE=CONTROL_URL", action="append", default=[],
                     help="with --frontend-url: the control URL of a relay `python -m harness interpose` runs in front "
                          "of the router's ROLE engine (prefill, decode); repeatable")

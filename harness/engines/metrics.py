@@ -43,13 +43,20 @@ QUANTITIES: dict[str, list[tuple[str, Source]]] = {
     "kv_cache_usage": [("vllm", Source("vllm:kv_cache_usage_perc")), ("sglang", Source("sglang:token_usage"))],
     "kv_transfers_failed": [("vllm", Source("vllm:nixl_num_failed_transfers"))],
     "kv_expired_requests": [("vllm", Source("vllm:nixl_num_kv_expired_reqs"))],
+    # A frontend's own counts (SPEC §8). The reference frontend's names are harness/frontend/metrics.py's.
+    # vllm-router 0.1.17 (measured: 1 while a stream was open, 0 once its client left) counts decode
+    # streams per worker on its --prometheus-port, not on its serving port.
+    "frontend_requests_in_flight": [("harness", Source("disagg_frontend_requests_in_flight"))],
+    "frontend_worker_requests_in_flight": [("harness", Source("disagg_frontend_worker_requests_in_flight")),
+                                           ("vllm-router", Source("vllm_router_pd_active_decode_requests"))],
 }
 for _source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
     QUANTITIES[f"prompt_tokens_{_source}"] = [("vllm", Source("vllm:prompt_tokens_by_source", (("source", _source),)))]
 KV_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 
 # How an engine is recognised from its metric names.
-FAMILY_PREFIXES = (("vllm", "vllm:"), ("sglang", "sglang:"), ("dynamo", "dynamo_component_"))
+FAMILY_PREFIXES = (("vllm", "vllm:"), ("sglang", "sglang:"), ("dynamo", "dynamo_component_"),
+                   ("harness", "disagg_frontend_"), ("vllm-router", "vllm_router_"))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.discovery import Event, ModelEntry
+from harness.frontend.metrics import FrontendMetrics
 from harness.frontend.preprocessor import Preprocessor
 from harness.frontend.router import Instance, RoutedEngine
 from harness.resolve import Resolver
@@ -39,7 +40,8 @@ class ServedModel:
 class ModelManager:
     def __init__(self, cache_root: str | Path, *, selection: str = "round_robin", protocol: str = "vllm",
                  timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine,
-                 after_load: Callable[[], None] | None = None):
+                 after_load: Callable[[], None] | None = None, metrics: FrontendMetrics | None = None):
+        self.metrics = metrics or FrontendMetrics()
         self.resolver = Resolver(cache_root)
         self.after_load = after_load  # called once a new model's preprocessor is loaded
         self.selection, self.protocol, self.timeout_s, self.router = selection, protocol, timeout_s, router
@@ -71,7 +73,7 @@ class ModelManager:
             model = self.models.get(entry.name)
             if model is None:
                 engine = self.router(entry.name, selection=self.selection, protocol=self.protocol,
-                                     timeout_s=self.timeout_s)
+                                     timeout_s=self.timeout_s, metrics=self.metrics)
                 model = ServedModel(entry.name, engine, Preprocessor.load(resolved.card, self.resolver.cache_root))
                 self.models[entry.name] = model
                 if self.after_load:
@@ -99,6 +101,11 @@ class ModelManager:
         with self._lock:
             model = self.models.get(name)
             return model if model and model.listed else None
+
+    def served(self) -> list[tuple[str, ServedModel]]:
+        """Every model with a worker, listed or not (a prefill alone still has requests open)."""
+        with self._lock:
+            return sorted(self.models.items())
 
     def listed(self) -> list[str]:
         with self._lock:

@@ -36,6 +36,7 @@ import orjson
 
 from harness.errors import HarnessError
 from harness.frontend.kv_index import KvIndex, block_hashes
+from harness.frontend.metrics import FrontendMetrics
 from harness.frontend.preprocessor import Prompt
 from harness.frontend.stream import FLUSH, Annotated, dumps
 
@@ -49,14 +50,18 @@ PREFILL_KV_TRANSFER_PARAMS = {"do_remote_decode": True, "do_remote_prefill": Fal
 
 class RoutingError(HarnessError):
     status = 502
+    kind = "decode_failed"  # what the frontend's errors_total counts it as (metrics.ERROR_KINDS)
 
 
 class NoWorkers(RoutingError):
     status = 503
+    kind = "no_workers"
 
 
 class PrefillError(RoutingError):
     """The prefill failed or returned no usable kv_transfer_params; decode is not tried."""
+
+    kind = "prefill_failed"
 
 
 class DecodeError(RoutingError):
@@ -69,6 +74,8 @@ ENGINE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 class PromptMismatch(RoutingError):
     """The engine ran a different prompt from the one the frontend hashed and routed on."""
+
+    kind = "prompt_mismatch"
 
 
 def prompt_mismatch(instance: "Instance", ours: list[int], theirs: list[int]) -> str | None:
@@ -132,7 +139,7 @@ class Route:
 
 class RoutedEngine:
     def __init__(self, model: str, *, selection: str = "round_robin", protocol: str = "vllm",
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, metrics: FrontendMetrics | None = None):
         if protocol not in ("vllm", "sglang", "shared-storage"):
             raise ValueError(f"protocol {protocol!r} must be 'vllm', 'sglang' or 'shared-storage'")
         if selection not in ("round_robin", "kv"):
@@ -143,7 +150,9 @@ class RoutedEngine:
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()
         self._rr = itertools.count()
-        self.load: dict[str, int] = {}
+        self.load: dict[str, int] = {}  # decode (or aggregated) streams open, by worker
+        self.prefilling: dict[str, int] = {}  # prefill requests open, by worker
+        self.metrics = metrics or FrontendMetrics()
         self.kv = KvIndex()
         self._background: set[asyncio.Task] = set()
 
@@ -157,6 +166,17 @@ class RoutedEngine:
         with self._lock:
             self._instances.pop(key, None)
         self.kv.forget(key)
+
+    def in_flight(self) -> list[tuple[str, str, int]]:
+        """(worker, role, requests open on it) for every worker this router has used or knows."""
+        with self._lock:
+            role_of = {k: i.role for k, i in self._instances.items()}
+            known = set(role_of)
+        out = [(k, "prefill", self.prefilling.get(k, 0)) for k in sorted(set(self.prefilling) | {
+            k for k in known if role_of[k] == "prefill"})]
+        out += [(k, role_of.get(k, "decode"), self.load.get(k, 0)) for k in sorted(set(self.load) | {
+            k for k in known if role_of[k] != "prefill"})]
+        return out
 
     def instances(self, *roles: str) -> list[Instance]:
         with self._lock:
@@ -187,6 +207,7 @@ class RoutedEngine:
         if self.selection == "kv":
             route.predicted_cached_blocks = self.kv.overlap((prefill or decode).key, blocks)
             self.kv.record((prefill or decode).key, blocks)
+            self.metrics.kv_selected(self.model, (prefill or decode).key, len(blocks), route.predicted_cached_blocks)
         return route
 
     # ---- the request
@@ -247,6 +268,10 @@ class RoutedEngine:
         client reads them: a client that stops, stops it."""
         return resp.content.iter_any()
 
+    def stream_closed(self, route: Route, finished: bool) -> None:
+        """The decode stream no longer counts toward its worker's load and in-flight count."""
+        self.load[route.decode.key] = max(0, self.load.get(route.decode.key, 1) - 1)
+
     async def release(self, resp: aiohttp.ClientResponse, finished: bool) -> None:
         """Done with an engine stream. A stream that ended with [DONE] hands its connection back
         for the next request; any other is closed, which aborts the engine's request: this is how
@@ -277,7 +302,11 @@ class RoutedEngine:
         body = self.prefill_body(engine_body)
         url = f"{route.prefill.url}{route_path(body)}"
         # Shielded: a client that disconnects during prefill must not abort it, or its KV blocks leak.
+        key = route.prefill.key
+        self.prefilling[key] = self.prefilling.get(key, 0) + 1
         task = self._keep(self._post_json(client, url, body, route.request_id))
+        # It is open on the prefill until the prefill answers, whether or not the client waits.
+        task.add_done_callback(lambda _: self.prefilling.__setitem__(key, max(0, self.prefilling.get(key, 1) - 1)))
         try:
             status, raw = await asyncio.shield(task)
         except ENGINE_ERRORS as exc:
@@ -347,24 +376,28 @@ class RoutedEngine:
                     chunk = orjson.loads(payload)
                     route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
                     if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                        self.metrics.error(self.model, "stream_failed")
                         yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
                         return
                     chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
                     if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
                         if (why := prompt_mismatch(route.decode, route.expect_prompt, chunk.pop("prompt_token_ids"))):
+                            self.metrics.error(self.model, "prompt_mismatch")
                             yield Annotated.failure(why)
                             return
                     if chunk.get("usage") and route.prefill_response is not None:
                         chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
                     yield Annotated(data=chunk, id=route.request_id)
                 yield FLUSH  # what arrived together leaves together: one write for the client, not one per token
+            self.metrics.error(self.model, "stream_failed")
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} closed the stream "
                                     f"before [DONE]")
         except (*ENGINE_ERRORS, orjson.JSONDecodeError) as exc:
+            self.metrics.error(self.model, "stream_failed")
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} at {route.decode.url} failed "
                                     f"mid-stream: {type(exc).__name__}: {exc or 'connection lost'}")
         finally:
-            self.load[route.decode.key] = max(0, self.load.get(route.decode.key, 1) - 1)
+            self.stream_closed(route, finished)
             await self.release(resp, finished)  # unfinished (the client left): this aborts the decode request
 
     async def _single(self, response: dict) -> AsyncIterator[Annotated]:

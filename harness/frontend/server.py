@@ -3,7 +3,8 @@
 An aiohttp server: every streamed token passes through here, and uvicorn/Starlette's streaming
 response was a third of the frontend's profile at C=16 (benchmarks/test_frontend_concurrency.py).
 
-`/v1/models`, `/v1/completions` and `/v1/chat/completions` (with SSE streaming). Prompts are
+`/v1/models`, `/v1/completions` and `/v1/chat/completions` (with SSE streaming), `/health`, and
+`/metrics` (harness/frontend/metrics.py). Prompts are
 tokenized and chat templates applied by the native preprocessor, from local_dir only; the token
 ids go to the routed engine. Routing decisions come back as `x-disagg-*` response headers.
 """
@@ -22,6 +23,7 @@ from aiohttp import web
 
 from harness.discovery import DEFAULT_LEASE_S, Store, Watcher
 from harness.frontend.media import load_images
+from harness.frontend.metrics import CONTENT_TYPE
 from harness.frontend.models import ModelManager, ServedModel
 from harness.frontend.preprocessor import Prompt
 from harness.frontend.router import RoutedEngine, RoutingError
@@ -65,6 +67,8 @@ class Folded:
 def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher: Watcher | None = None
                ) -> web.Application:
     app = web.Application(client_max_size=64 * 2**20)  # chat requests may carry images as data URLs
+    metrics = manager.metrics
+    metrics.watch(manager)
 
     async def engine_client(app: web.Application):
         # No cap on connections (the engines' own limits apply); lines up to 8 MiB (prompt token ids).
@@ -101,6 +105,17 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
             return error(404, f"model {body.get('model')!r} is not served here; see /v1/models", "NotFoundError")
         if body.get("n", 1) != 1:
             return error(400, "n > 1 is not supported by this frontend")
+        in_flight = metrics.in_flight.labels(model.name)
+        in_flight.inc()
+        try:
+            return await serve_model(request, model, body, chat)
+        except (asyncio.CancelledError, ConnectionResetError):  # the client went away
+            metrics.error(model.name, "client_left")
+            raise
+        finally:
+            in_flight.dec()
+
+    async def serve_model(request: web.Request, model: ServedModel, body: dict, chat: bool) -> web.StreamResponse:
         try:
             prompt = await prepare_async(model, body, chat, allow_remote_media)
         except ValueError as exc:  # MediaError too: a bad image part is the client's error
@@ -112,7 +127,9 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
         try:
             route, items = await model.engine.start(request.app[CLIENT], engine_body, prompt, request_id)
         except RoutingError as exc:
+            metrics.error(model.name, exc.kind)
             return error(exc.status, str(exc), "engine_error")
+        metrics.routed(model.name, route.mode)
         shape = ChatShape if chat else CompletionShape
         fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")),
                     bool(body.get("return_token_ids")))
@@ -137,7 +154,11 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await serve(request, chat=True)
 
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
