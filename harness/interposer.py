@@ -175,7 +175,9 @@ class Interposer:
 
     async def _setup(self) -> list[web.AppRunner]:
         self._cleared = asyncio.Event()
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+        # Idle connections dropped before the engine drops them (vLLM: 5 s; see frontend/server.py).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
+                                              auto_decompress=False,
                                               timeout=aiohttp.ClientTimeout(total=None, connect=10))
         data = web.Application(client_max_size=64 * 2**20)
         data.router.add_route("*", "/{tail:.*}", self._relay)

@@ -147,7 +147,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {section} | " + " | ".join(str(n) if n else "" for n in counts) + " |")
     lines += ["", "## Checks", "", "| outcome | check | SPEC | seconds | note |", "|---|---|---|---:|---|"]
     lines += _check_rows(report["checks"], not_run)
-    return "\n".join(lines + _request_tables(report["checks"])) + "\n"
+    return "\n".join(lines + _under_load_tables(report["checks"]) + _request_tables(report["checks"])) + "\n"
 
 
 def _check_rows(checks: list[dict[str, Any]], not_run: list[dict[str, Any]]) -> list[str]:
@@ -171,6 +171,59 @@ def _check_rows(checks: list[dict[str, Any]], not_run: list[dict[str, Any]]) -> 
             rows.append(f"| skipped | profile {profile}: {len(group)} checks | {', '.join(spec)} "
                         f"| {sum(g['duration_s'] for g in group):.3f} | {_md_escape(reasons[profile])[:300]} |")
     return rows
+
+
+def _under_load_tables(checks: list[dict[str, Any]]) -> list[str]:
+    """SPEC §8's numbers side by side: each burst's accounting, each storm's drain, each kill."""
+    def n(value: Any) -> str:  # counts and bytes as whole numbers
+        return f"{value:.0f}" if isinstance(value, (int, float)) else ("" if value is None else str(value))
+
+    def plot(props: dict) -> str:
+        path = (props.get("timeline") or {}).get("plot")
+        return f"[plot](under-load/{Path(path).name})" if path else ""  # beside the report
+
+    bursts = [(c, c["properties"]["burst"]) for c in checks if isinstance((c.get("properties") or {}).get("burst"), dict)]
+    storms = [(c, c["properties"]["storm"]) for c in checks if isinstance((c.get("properties") or {}).get("storm"), dict)]
+    kills = [(c, c["properties"]["kill"]) for c in checks if isinstance((c.get("properties") or {}).get("kill"), dict)]
+    if not (bursts or storms or kills):
+        return []
+    lines = ["", "## Under load (SPEC §8)", ""]
+    if bursts:
+        lines += ["| burst | outcome | requests / errors | prompt tokens: clients = decode by source | cached: told = "
+                  "prefill hits | KV bytes: moved = expected | drain | |", "|---|---|---|---|---|---|---:|---|"]
+        for c, b in bursts:
+            a, kv = b.get("accounting") or {}, b.get("kv_bytes") or {}
+            sources = " + ".join(n(a.get('decode_' + s)) for s in ("local_compute", "local_cache_hit",
+                                                                        "external_kv_transfer")
+                                 if isinstance(a.get("decode_" + s), (int, float)))
+            drain = (b.get("drain") or {}).get("settled_after_s")
+            lines.append(f"| {_md_escape(c['name'])} | {c['outcome']} | {b.get('requests')} / {b.get('errors')} "
+                         f"| {n(a.get('clients_prompt_tokens'))} = {sources} | {n(a.get('clients_cached_tokens'))} = "
+                         f"{n(a.get('prefill_local_cache_hit'))} | {n(kv.get('moved'))} = {n(kv.get('expected'))} "
+                         f"| {'' if drain is None else f'{drain} s'} | {plot(c.get('properties') or {})} |")
+        lines.append("")
+    if storms:
+        lines += ["| abort storm | outcome | requests: left before a byte / after tokens / stayed | engines idle after "
+                  "| frontend in flight after | |", "|---|---|---|---:|---|---|"]
+        for c, st in storms:
+            plans = st.get("plans") or {}
+            frontend = st.get("frontend") or {}
+            lines.append(f"| {_md_escape(c['name'])} | {c['outcome']} | {st.get('requests')}: "
+                         f"{plans.get('before_first_byte', 0)} / {plans.get('after_tokens', 0)} / {plans.get('stays', 0)} "
+                         f"| {(st.get('engines') or {}).get('settled_after_s', '')} s "
+                         f"| {frontend.get('frontend_worker_requests_in_flight', frontend.get('frontend_requests_in_flight', 'not exported')) if frontend else 'not exported'} "
+                         f"| {plot(st)} |")
+        lines.append("")
+    if kills:
+        lines += ["| decode killed | outcome | streams: ended with an error / completed | last end after the kill | "
+                  "new requests answered (by) | restart |", "|---|---|---|---:|---|---:|"]
+        for c, k in kills:
+            new = k.get("new_requests") or {}
+            lines.append(f"| {_md_escape(c['name'])} | {c['outcome']} | {k.get('ended_with_error')} / {k.get('completed')} "
+                         f"| {k.get('last_end_after_kill_s')} s | {new.get('answered')} ({_md_escape(', '.join(new.get('by_worker') or []))}) "
+                         f"| {k.get('restart_s')} s |")
+        lines.append("")
+    return lines
 
 
 def _request_tables(checks: list[dict[str, Any]]) -> list[str]:

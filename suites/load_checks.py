@@ -66,13 +66,19 @@ def prompt_for(n: int) -> str:
     return fresh_prompt((3, 20, 60)[shape])
 
 
-def ask(deployment: Deployment, n: int, timeout_s: float = 120.0) -> Answer:
+def eos_ignored(deployment: Deployment) -> dict:
+    """`ignore_eos` where the frontend takes it (asked before any counting starts): a prompt whose
+    greedy first token is EOS would end on the prefill, and never reach the decode's counters."""
+    return {"ignore_eos": True} if deployment.endpoint().accepts("ignore_eos", True) else {}
+
+
+def ask(deployment: Deployment, n: int, timeout_s: float = 120.0, extra: dict | None = None) -> Answer:
     endpoint = deployment.endpoint()
     chat, stream = n % 3 == 0, n % 2 == 1
     prompt = prompt_for(n)
     answer = Answer(n, f"{('short', 'one-block', 'several-blocks', 'shared-prefix')[n % 4]}/"
                        f"{'chat' if chat else 'completion'}/{'stream' if stream else 'whole'}")
-    body = {"model": endpoint.model, "max_tokens": MAX_TOKENS, "temperature": 0.0, **endpoint.dialect}
+    body = {"model": endpoint.model, "max_tokens": MAX_TOKENS, "temperature": 0.0, **endpoint.dialect, **(extra or {})}
     body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -175,11 +181,12 @@ def handoffs(deployment: Deployment, since: dict[str, int]) -> dict | None:
 
 def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
                                            requests: int = REQUESTS) -> dict:
+    extra = eos_ignored(deployment)
     before, waited = idle_baseline(deployment)
     relay_marks = marks(deployment)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        answers = list(pool.map(lambda n: ask(deployment, n), range(requests)))
+        answers = list(pool.map(lambda n: ask(deployment, n, extra=extra), range(requests)))
     numbers: dict = {"requests": requests, "concurrency": concurrency, "burst_s": round(time.monotonic() - started, 1)}
     settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
     after = settled.pop("metrics")

@@ -1,24 +1,46 @@
 """Under load (SPEC §8): a burst of requests at once is accounted for exactly by the engines' own
-counters, and the engines are idle again afterwards. Checks in suites/load_checks.py; each is
-shown failing on a planted router whose bug only shows now and then."""
+counters, and the engines are idle again afterwards; clients that leave mid-request leave nothing
+running, no KV held past the prefill's lease, and no count in flight on the frontend. Checks in
+suites/load_checks.py and suites/abort_checks.py; each is shown failing on a planted router whose
+bug only shows now and then, or only when clients leave. Each run's requests in flight and KV
+usage over time are plotted into reports/under-load/."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from harness import evidence as ev
+from suites import abort_checks
 from suites import interposed_checks as checks
-from suites import load_checks
+from suites import load_checks, worker_loss_checks
+from suites.load_timeline import Timeline
 
 pytestmark = [pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.needs(ev.FRONTEND, ev.engine_metrics("prefill"), ev.engine_metrics("decode"))]
 
 
+def plot_into_report(request, deployment, timeline: Timeline, what: str) -> str:
+    """reports/under-load/<run>-<what>.png; the run: the profile and store (cpu-files), or foreign."""
+    report_dir = Path(request.config.getoption("report_dir") or request.config.rootpath / "reports")
+    run = (f"{deployment.profile.name}-{'etcd' if deployment.on_etcd else 'files'}" if deployment.embedded
+           else "foreign")
+    path = report_dir / "under-load" / f"{run}-{what}.png"
+    timeline.plot(path, f"{what}: {request.node.name}")
+    return str(path)
+
+
 @pytest.mark.spec("8", "4.1", "R7")
-def test_a_burst_of_64_requests_at_16_at_once_is_accounted_for_exactly_and_leaves_the_engines_idle(disagg,
+def test_a_burst_of_64_requests_at_16_at_once_is_accounted_for_exactly_and_leaves_the_engines_idle(disagg, request,
                                                                                                   record_property):
-    numbers = load_checks.check_a_burst_is_accounted_for_exactly(disagg)
+    with Timeline(disagg) as timeline:
+        try:
+            numbers = load_checks.check_a_burst_is_accounted_for_exactly(disagg)
+        finally:
+            timeline.mark("checked")
     record_property("burst", {k: v for k, v in numbers.items() if k != "answers"})
+    record_property("timeline", {**timeline.summary(), "plot": plot_into_report(request, disagg, timeline, "burst")})
 
 
 @pytest.mark.spec("8", "R7")
@@ -36,3 +58,53 @@ def test_a_frontend_that_reports_the_decodes_usage_on_every_third_request_is_cau
                                                                                    record_property):
     checks.caught(record_property, "some usage is not the prefill's", load_checks.check_a_burst_is_accounted_for_exactly,
                   planted_router("report_decode_usage_now_and_then"))
+
+
+@pytest.fixture(scope="module")
+def abort_storm(disagg, request):
+    """One storm per deployment, read by the checks below; its timeline plotted once."""
+    if disagg.on_etcd:
+        pytest.skip("the abort storm runs once, on the file-store run: the store changes nothing the frontend "
+                    "sends its engines")
+    with Timeline(disagg) as timeline:
+        outcome = abort_checks.storm(disagg, timeline=timeline)
+    outcome["timeline"] = {**timeline.summary(), "plot": plot_into_report(request, disagg, timeline, "abort-storm")}
+    return outcome
+
+
+def storm_numbers(outcome: dict) -> dict:
+    return {k: v for k, v in outcome.items() if k != "clients"}
+
+
+@pytest.mark.spec("8", "4.4")
+def test_clients_that_leave_during_prefill_or_decode_leave_nothing_running_and_the_kv_is_freed_within_the_lease(
+        abort_storm, record_property):
+    record_property("storm", storm_numbers(abort_storm))
+    abort_checks.assert_nothing_left_running(abort_storm)
+
+
+@pytest.mark.spec("8", "4.4")
+@pytest.mark.needs(ev.FRONTEND_METRICS)
+def test_after_an_abort_storm_the_frontends_in_flight_counts_are_back_to_0(abort_storm, record_property):
+    record_property("frontend", abort_storm["frontend"])
+    abort_checks.assert_frontend_idle(abort_storm)
+
+
+@pytest.mark.spec("8", "4.4")
+@pytest.mark.needs(ev.PLANTED_ROUTER)
+def test_a_frontend_whose_in_flight_count_leaks_on_aborted_streams_is_caught(disagg, planted_router, record_property):
+    planted = planted_router("leak_in_flight_on_aborted_streams")
+
+    def small_storm_then_frontend_idle() -> None:  # leaving mid-decode only: no KV held for a lease
+        abort_checks.assert_frontend_idle(abort_checks.storm(planted, requests=16, plans=("after_tokens",)))
+
+    checks.caught(record_property, "the frontend still counts requests in flight", small_storm_then_frontend_idle)
+
+
+@pytest.mark.spec("8", "4.4")
+@pytest.mark.needs(ev.ENGINE_CONTROL, ev.AGGREGATED_REFERENCE)
+def test_a_decode_killed_with_16_streams_open_ends_each_with_an_error_and_new_requests_go_to_the_remaining_worker(
+        disagg, record_property):
+    if disagg.on_etcd:
+        pytest.skip("the kill runs once, on the file-store run (each restart costs an engine start)")
+    record_property("kill", worker_loss_checks.kill_the_decode_with_streams_open(disagg))

@@ -228,3 +228,14 @@ def test_a_body_that_is_not_a_json_object_is_a_400_that_says_so_and_reaches_no_e
                          timeout=10)
     assert resp.status_code == 400 and message in resp.json()["error"]["message"], resp.text
     assert decode.state.bodies == []
+
+
+def test_round_robin_spreads_decodes_over_every_decoder_with_one_prefill(cluster, fake_engines):
+    """Each pool has its own turn: a shared one gave the prefill and the decode every other turn, so
+    with one prefill and two decoders every decode went to the same one."""
+    serve(cluster, fake_engines("prefill"), fake_engines("decode", name="decode-a"))
+    cluster.register(fake_engines("decode", name="decode-b"))
+    cluster.wait_until(lambda c: len(c.frontend.manager.models["tiny"].engine.instances("decode")) == 2,
+                       "two decoders")
+    workers = [complete(cluster).headers["x-disagg-decode-worker"] for _ in range(4)]
+    assert len(set(workers)) == 2 and workers[0] != workers[1] and workers[:2] == workers[2:], workers

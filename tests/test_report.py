@@ -165,3 +165,22 @@ def test_the_report_of_a_run_lists_every_engine_and_collapses_the_profile_it_cou
     assert ("| vlm-0 | vlm-0 | cpu multimodal kv-aggregated, cpu multimodal disaggregated | http://127.0.0.1:9101 "
             "| 0.32.0 |") in md
     assert "| skipped | profile gpu-vllm: 5 checks | 4.1 |" in md and "on a gpu [" not in md
+
+
+def test_under_load_numbers_are_a_table_of_their_own_with_the_sums_side_by_side_and_a_plot_link():
+    burst = {**check("suites/test_under_load.py::test_burst[cpu-files]", spec=("8",)), "properties": {
+        "burst": {"requests": 64, "errors": 0, "drain": {"settled_after_s": 0.7},
+                  "accounting": {"clients_prompt_tokens": 7690, "decode_local_compute": 0.0,
+                                 "decode_local_cache_hit": 1664.0, "decode_external_kv_transfer": 6026.0,
+                                 "clients_cached_tokens": 1792, "prefill_local_cache_hit": 1792.0},
+                  "kv_bytes": {"moved": 6914048.0, "expected": 6914048.0}},
+        "timeline": {"plot": "/somewhere/reports/under-load/cpu-files-burst.png"}}}
+    storm = {**check("suites/test_under_load.py::test_storm[cpu-files]", spec=("8",)), "properties": {
+        "storm": {"requests": 48, "plans": {"before_first_byte": 12, "after_tokens": 24, "stays": 12},
+                  "engines": {"settled_after_s": 31.2}, "frontend": {"frontend_worker_requests_in_flight": 0.0},
+                  "timeline": {"plot": "/x/under-load/cpu-files-abort-storm.png"}}}}
+    md = render_markdown(build_report({"kind": "embedded", "frontend": {"name": "harness"}}, [burst, storm], REPO_ROOT))
+    section = md.split("## Under load (SPEC §8)", 1)[1]
+    assert "| 64 / 0 | 7690 = 0 + 1664 + 6026 | 1792 = 1792 | 6914048 = 6914048 | 0.7 s | " \
+           "[plot](under-load/cpu-files-burst.png) |" in section
+    assert "| 48: 12 / 24 / 12 | 31.2 s | 0.0 | [plot](under-load/cpu-files-abort-storm.png) |" in section

