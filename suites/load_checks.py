@@ -29,7 +29,7 @@ import pytest
 from harness.deployment import Deployment
 from harness.engines.metrics import Metrics, kv_sources
 from harness.kv_geometry import blocks_for
-from harness.openai_client import routing_mode
+from harness.openai_client import routing_mode, token_ids_of
 from suites.disagg_checks import fresh_prompt
 from suites.interposed_checks import marks
 
@@ -57,6 +57,9 @@ class Answer:
     finish_reason: str | None = None
     done: bool | None = None  # streamed: [DONE] seen
     error: str | None = None
+    prompt: str = ""
+    chat: bool = False
+    token_ids: list[int] | None = None  # the output's, where the frontend returns them
 
 
 def prompt_for(n: int) -> str:
@@ -77,7 +80,8 @@ def ask(deployment: Deployment, n: int, timeout_s: float = 120.0, extra: dict | 
     chat, stream = n % 3 == 0, n % 2 == 1
     prompt = prompt_for(n)
     answer = Answer(n, f"{('short', 'one-block', 'several-blocks', 'shared-prefix')[n % 4]}/"
-                       f"{'chat' if chat else 'completion'}/{'stream' if stream else 'whole'}")
+                       f"{'chat' if chat else 'completion'}/{'stream' if stream else 'whole'}", prompt=prompt,
+                    chat=chat)
     body = {"model": endpoint.model, "max_tokens": MAX_TOKENS, "temperature": 0.0, **endpoint.dialect, **(extra or {})}
     body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     if stream:
@@ -99,6 +103,8 @@ def ask(deployment: Deployment, n: int, timeout_s: float = 120.0, extra: dict | 
                         usage = chunk.get("usage") or usage
                         for choice in chunk.get("choices") or []:
                             answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+                            if isinstance(choice.get("token_ids"), list):
+                                answer.token_ids = (answer.token_ids or []) + choice["token_ids"]
                 answer.done = bool(answer.done)
         else:
             resp = httpx.post(url, json=body, timeout=httpx.Timeout(timeout_s, connect=10))
@@ -108,6 +114,7 @@ def ask(deployment: Deployment, n: int, timeout_s: float = 120.0, extra: dict | 
                 answer.error = resp.text[:200]
             usage = data.get("usage")
             answer.finish_reason = ((data.get("choices") or [{}])[0] or {}).get("finish_reason")
+            answer.token_ids = token_ids_of(data) if data else None
     except (httpx.HTTPError, ValueError) as exc:
         answer.error = f"{type(exc).__name__}: {exc}"
         return answer
@@ -180,13 +187,16 @@ def handoffs(deployment: Deployment, since: dict[str, int]) -> dict | None:
 
 
 def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
-                                           requests: int = REQUESTS) -> dict:
+                                           requests: int = REQUESTS, keep: dict | None = None) -> dict:
+    """`keep`, where given, gets the burst's answers (`keep["answers"]`) whatever the check finds."""
     extra = eos_ignored(deployment)
     before, waited = idle_baseline(deployment)
     relay_marks = marks(deployment)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         answers = list(pool.map(lambda n: ask(deployment, n, extra=extra), range(requests)))
+    if keep is not None:
+        keep["answers"], keep["extra"] = answers, extra
     numbers: dict = {"requests": requests, "concurrency": concurrency, "burst_s": round(time.monotonic() - started, 1)}
     settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
     after = settled.pop("metrics")
@@ -246,4 +256,42 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
             assert value in (0, None), (f"the {role} counted {value:.0f} {quantity} over the burst {numbers['kv_faults']}; "
                                         f"the router's prefill-to-decode handoff: {numbers['prefill_to_decode_handoff']}")
     numbers["answers"] = [asdict(a) for a in answers]
+    return numbers
+
+
+REFERENCE_SAMPLE = 16
+
+
+def check_outputs_equal_the_reference(deployment: Deployment, answers: list[Answer], extra: dict,
+                                      sample: int = REFERENCE_SAMPLE) -> dict:
+    """The burst's outputs are the aggregated engine's for the same prompts, where the engine is
+    batch-invariant (SPEC §8). The aggregated engine answers `sample` of the burst's completion
+    prompts alone, one after another, and then all at once: where its own two answers differ, the
+    engine is not batch-invariant for that prompt and a batched output may differ from the
+    reference for no fault of the frontend's, so only the prompts it answers the same both ways
+    are held to equality. Greedy, same max_tokens (and ignore_eos where the burst sent it)."""
+    picked = [a for a in answers if not a.chat and a.status == 200 and a.token_ids][:sample]
+    if not picked:
+        pytest.skip("needs the burst's output token ids: the frontend returned none (return_token_ids)")
+    reference = deployment.engine_endpoint("aggregated")
+
+    def ids(prompt: str) -> list[int] | None:
+        resp = reference.complete(prompt, max_tokens=MAX_TOKENS, **extra)
+        return token_ids_of(resp.json()) if resp.status_code == 200 else None
+
+    alone = [ids(a.prompt) for a in picked]
+    with concurrent.futures.ThreadPoolExecutor(len(picked)) as pool:
+        batched = list(pool.map(lambda a: ids(a.prompt), picked))
+    if None in alone or None in batched:
+        pytest.skip("needs token ids from the aggregated reference (return_token_ids)")
+    invariant = [i for i in range(len(picked)) if alone[i] == batched[i]]
+    numbers = {"compared": len(picked), "engine_same_alone_and_batched": len(invariant),
+               "engine_batch_invariant": len(invariant) == len(picked)}
+    differ = [{"n": picked[i].n, "kind": picked[i].kind, "burst": picked[i].token_ids, "reference": alone[i]}
+              for i in invariant if picked[i].token_ids != alone[i]]
+    numbers["equal_to_the_reference"] = len(invariant) - len(differ)
+    assert invariant, (f"the aggregated engine answered none of {len(picked)} prompts the same alone and batched: "
+                       f"nothing to compare {numbers}")
+    assert not differ, (f"{len(differ)} of {len(invariant)} outputs of the burst differ from the aggregated engine's "
+                        f"for the same prompt (where the engine is batch-invariant): {differ[:2]} {numbers}")
     return numbers

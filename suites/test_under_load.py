@@ -8,6 +8,7 @@ usage over time are plotted into reports/under-load/."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,8 +18,15 @@ from suites import interposed_checks as checks
 from suites import load_checks, worker_loss_checks
 from suites.load_timeline import Timeline
 
-pytestmark = [pytest.mark.engines, pytest.mark.xdist_group("engines"),
-              pytest.mark.needs(ev.FRONTEND, ev.engine_metrics("prefill"), ev.engine_metrics("decode"))]
+NEEDS = (ev.FRONTEND, ev.engine_metrics("prefill"), ev.engine_metrics("decode"))
+pytestmark = [pytest.mark.engines, pytest.mark.xdist_group("engines"), pytest.mark.needs(*NEEDS)]
+
+
+def skip_unless_evidence(deployment) -> None:
+    """A module-scoped fixture is set up before the per-test evidence skip: it asks first."""
+    for need in NEEDS:
+        if why := deployment.lacks(need):
+            pytest.skip(why)
 
 
 def plot_into_report(request, deployment, timeline: Timeline, what: str) -> str:
@@ -31,16 +39,54 @@ def plot_into_report(request, deployment, timeline: Timeline, what: str) -> str:
     return str(path)
 
 
-@pytest.mark.spec("8", "4.1", "R7")
-def test_a_burst_of_64_requests_at_16_at_once_is_accounted_for_exactly_and_leaves_the_engines_idle(disagg, request,
-                                                                                                  record_property):
+@pytest.fixture(scope="module")
+def burst(disagg, request):
+    """One burst per deployment: its numbers (or what the check raised), its answers, its timeline."""
+    skip_unless_evidence(disagg)
+    kept: dict = {}
+    outcome = SimpleNamespace(numbers=None, raised=None, kept=kept)
     with Timeline(disagg) as timeline:
         try:
-            numbers = load_checks.check_a_burst_is_accounted_for_exactly(disagg)
+            outcome.numbers = load_checks.check_a_burst_is_accounted_for_exactly(disagg, keep=kept)
+        except (AssertionError, pytest.skip.Exception) as exc:
+            outcome.raised = exc
         finally:
             timeline.mark("checked")
-    record_property("burst", {k: v for k, v in numbers.items() if k != "answers"})
-    record_property("timeline", {**timeline.summary(), "plot": plot_into_report(request, disagg, timeline, "burst")})
+    outcome.timeline = {**timeline.summary(), "plot": plot_into_report(request, disagg, timeline, "burst")}
+    return outcome
+
+
+@pytest.mark.spec("8", "4.1", "R7")
+def test_a_burst_of_64_requests_at_16_at_once_is_accounted_for_exactly_and_leaves_the_engines_idle(burst,
+                                                                                                  record_property):
+    record_property("timeline", burst.timeline)
+    if burst.raised is not None:
+        raise burst.raised
+    record_property("burst", {k: v for k, v in burst.numbers.items() if k != "answers"})
+
+
+@pytest.mark.spec("8")
+@pytest.mark.needs(ev.AGGREGATED_REFERENCE, ev.TOKEN_IDS)
+def test_the_bursts_outputs_are_the_aggregated_engines_alone_where_it_is_batch_invariant(disagg, burst,
+                                                                                         record_property):
+    if "answers" not in burst.kept:
+        pytest.skip(f"the burst sent no requests: {burst.raised}")
+    record_property("outputs", load_checks.check_outputs_equal_the_reference(disagg, burst.kept["answers"],
+                                                                             burst.kept["extra"]))
+
+
+@pytest.mark.spec("8")
+@pytest.mark.needs(ev.PLANTED_ROUTER, ev.AGGREGATED_REFERENCE, ev.TOKEN_IDS)
+def test_a_frontend_that_drops_the_last_prompt_token_on_every_fourth_request_is_caught(disagg, planted_router,
+                                                                                      record_property):
+    planted = planted_router("truncate_the_prompt_now_and_then")
+
+    def small_burst_then_outputs() -> None:
+        kept: dict = {}
+        load_checks.check_a_burst_is_accounted_for_exactly(planted, requests=16, keep=kept)
+        load_checks.check_outputs_equal_the_reference(planted, kept["answers"], kept["extra"])
+
+    checks.caught(record_property, "outputs of the burst differ from the aggregated engine's", small_burst_then_outputs)
 
 
 @pytest.mark.spec("8", "R7")
@@ -63,6 +109,7 @@ def test_a_frontend_that_reports_the_decodes_usage_on_every_third_request_is_cau
 @pytest.fixture(scope="module")
 def abort_storm(disagg, request):
     """One storm per deployment, read by the checks below; its timeline plotted once."""
+    skip_unless_evidence(disagg)
     if disagg.on_etcd:
         pytest.skip("the abort storm runs once, on the file-store run: the store changes nothing the frontend "
                     "sends its engines")

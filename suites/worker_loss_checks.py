@@ -2,7 +2,8 @@
 
 16 clients stream long greedy completions at once. For the length of the check the deployment's
 aggregated engine is registered behind the frontend as a second worker that can decode, so about
-half the streams run on the decode engine. Once at least 4 are open on the decode, by its relay
+half the streams run on the decode engine. Once at least 4 are open on the decode (or, on a fast host, once one has ended with others
+still open), by its relay
 (the engine has sent tokens and no `[DONE]`: the clients read more slowly than it generates, so
 their own counts say little; each stream's X-Request-Id ties it to its relay exchange), the
 decode engine's process group is killed (SIGKILL: a crash, not a stop). Then:
@@ -31,10 +32,10 @@ from harness.deployment import Deployment
 from suites.disagg_checks import fresh_prompt
 
 STREAMS = 16
-MAX_TOKENS = 500  # ~4 s of decode on CPU: open at once on the decode, prompt + this < max_model_len
+MAX_TOKENS = 120  # ~1 s of decode on CPU; every token passes relay, frontend and client in this process
 OPEN_ON_DECODE_AT_KILL = 4
 ENDED_WITHIN_S = 20.0  # from the kill to the last broken stream's end
-NEW_REQUESTS = 8
+NEW_REQUESTS = 4
 DECODE_HEADER = "x-disagg-decode-worker"
 
 
@@ -105,12 +106,14 @@ def worker_key(deployment: Deployment, engine_name: str) -> str:
 
 def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
     """The whole check; returns the numbers, raises AssertionError naming what did not hold."""
+    t0 = time.monotonic()
     cluster = deployment.cluster
     aggregated = deployment.engines["aggregated"]
     cluster.register(aggregated)  # the worker that remains
     cluster.wait_for_roles({"prefill", "decode", "aggregated"}, timeout_s=60)
     remaining = worker_key(deployment, aggregated.name)
     numbers: dict = {"streams": STREAMS}
+    phases = numbers["phases"] = {"aggregated_joined_s": round(time.monotonic() - t0, 1)}  # where the time goes
     relay = deployment.interposed["decode"]
     try:
         since = relay.mark()
@@ -121,10 +124,13 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
             futures = [pool.submit(hold_stream, deployment, s, killed, killed_at) for s in streams]
             deadline, open_on_decode = time.monotonic() + 120, []
             while time.monotonic() < deadline and not all(f.done() for f in futures):
-                open_on_decode = [e for e in relay.exchanges(since) if e.events and not e.done and e.ended is None]
-                if len(open_on_decode) >= OPEN_ON_DECODE_AT_KILL:
+                seen = relay.exchanges(since)
+                open_on_decode = [e for e in seen if e.events and not e.done and e.ended is None]
+                ending = any(e.ended is not None for e in seen)  # more waiting means fewer open, not more
+                if len(open_on_decode) >= OPEN_ON_DECODE_AT_KILL or (open_on_decode and ending):
                     break
                 time.sleep(0.05)
+            phases["to_kill_s"] = round(time.monotonic() - t0, 1)
             numbers["open_on_decode_at_kill"] = len(open_on_decode)
             open_ids = {e.request_id for e in open_on_decode}
             doomed_key = worker_key(deployment, deployment.engines["decode"].name)
@@ -132,6 +138,7 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
             deployment.kill_role("decode")
             killed.set()
             done, hanging = concurrent.futures.wait(futures, timeout=ENDED_WITHIN_S + 120)
+        phases["streams_ended_s"] = round(time.monotonic() - t0, 1)
         numbers["hanging"] = len(hanging)
         assert not hanging, f"{len(hanging)} of {STREAMS} streams never ended after their decode was killed"
         assert numbers["open_on_decode_at_kill"] >= 1, (
@@ -156,7 +163,9 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
         # New requests: once the frontend has noticed, every one goes to the worker that remains.
         cluster.wait_until(lambda c: "decode" not in c.roles_served(), "the dead decode's entry to go",
                            timeout_s=3 * cluster.lease_s + 10)
+        phases["dead_entry_gone_s"] = round(time.monotonic() - t0, 1)
         new = [ask_once(deployment) for _ in range(NEW_REQUESTS)]
+        phases["new_requests_answered_s"] = round(time.monotonic() - t0, 1)
         numbers["new_requests"] = {"answered": sum(r["status"] == 200 for r in new),
                                    "by_worker": sorted({r["decode_worker"] or "?" for r in new})}
         assert all(r["status"] == 200 for r in new), f"new requests with the decode dead failed: {new}"
@@ -167,15 +176,18 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
         restart_started = time.monotonic()
         deployment.restart_role("decode")
         numbers["restart_s"] = round(time.monotonic() - restart_started, 1)
+        phases["restarted_s"] = round(time.monotonic() - t0, 1)
         reborn = worker_key(deployment, deployment.engines["decode"].name)
-        after = [ask_once(deployment) for _ in range(4)]
+        after = [ask_once(deployment) for _ in range(2)]  # round robin: one of them to the restarted decode
+        phases["used_again_s"] = round(time.monotonic() - t0, 1)
         numbers["after_restart"] = sorted({r["decode_worker"] or "?" for r in after})
         assert reborn in {r["decode_worker"] for r in after}, (
-            f"the restarted decode ({reborn}) got none of 4 requests: {after}")
+            f"the restarted decode ({reborn}) got neither of 2 requests: {after}")
         numbers["doomed_worker"] = doomed_key
     finally:
         cluster.deregister(aggregated.name)
         if "decode" not in deployment.engines or not deployment.engines["decode"].healthy():
             deployment.restart_role("decode")
         cluster.wait_for_roles({"prefill", "decode"}, timeout_s=60)
+        phases["restored_s"] = round(time.monotonic() - t0, 1)
     return numbers
