@@ -225,9 +225,6 @@ class Deployment:
             return None if "x-disagg-decode-engine-request-id" in endpoint.probe_headers else need.lacking()
         raise ValueError(f"unknown evidence {need.key}")
 
-    def lacks_frontend_metrics(self) -> str | None:
-        return self.lacks(ev.FRONTEND_METRICS)
-
     def metrics_url_of_frontend(self) -> str | None:
         return self.frontend_metrics_url or self.frontend_url
 

@@ -215,12 +215,12 @@ def _under_load_tables(checks: list[dict[str, Any]]) -> list[str]:
                          f"| {plot(st)} |")
         lines.append("")
     if kills:
-        lines += ["| decode killed | outcome | streams: ended with an error / completed | last end after the kill | "
+        lines += ["| decode killed | outcome | streams: cut by the kill / others completed | last cut end after the kill | "
                   "new requests answered (by) | restart |", "|---|---|---|---:|---|---:|"]
         for c, k in kills:
             new = k.get("new_requests") or {}
-            lines.append(f"| {_md_escape(c['name'])} | {c['outcome']} | {k.get('ended_with_error')} / {k.get('completed')} "
-                         f"| {k.get('last_end_after_kill_s')} s | {new.get('answered')} ({_md_escape(', '.join(new.get('by_worker') or []))}) "
+            lines.append(f"| {_md_escape(c['name'])} | {c['outcome']} | {k.get('cut_by_the_kill')} / {k.get('others_completed')} "
+                         f"| {k.get('last_cut_end_after_kill_s')} s | {new.get('answered')} ({_md_escape(', '.join(new.get('by_worker') or []))}) "
                          f"| {k.get('restart_s')} s |")
         lines.append("")
     return lines

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from harness import evidence as ev
 from harness.deployment import Deployment
 from suites.disagg_checks import fresh_prompt
 from suites.load_checks import eos_ignored, idle_baseline, settle, settle_within_s
@@ -116,7 +117,7 @@ def storm(deployment: Deployment, *, requests: int = REQUESTS, concurrency: int 
     rng = random.Random(seed)
     who = [plan_for(n, rng, plans) for n in range(requests)]
     seeds = [rng.random() for _ in who]
-    extra = eos_ignored(deployment)
+    extra = eos_ignored(deployment.endpoint())
     before, waited = idle_baseline(deployment)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -124,7 +125,7 @@ def storm(deployment: Deployment, *, requests: int = REQUESTS, concurrency: int 
     storm_s = round(time.monotonic() - started, 1)
     settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
     settled.pop("metrics")
-    frontend = wait_frontend_idle(deployment) if deployment.lacks_frontend_metrics() is None else None
+    frontend = wait_frontend_idle(deployment) if deployment.lacks(ev.FRONTEND_METRICS) is None else None
     if timeline is not None:
         timeline.mark("idle")
     counts = {p: sum(1 for w in done if w.plan == p) for p in plans}

@@ -29,7 +29,7 @@ import pytest
 from harness.deployment import Deployment
 from harness.engines.metrics import Metrics, kv_sources
 from harness.kv_geometry import blocks_for
-from harness.openai_client import routing_mode, token_ids_of
+from harness.openai_client import OpenAIEndpoint, routing_mode, token_ids_of
 from suites.disagg_checks import fresh_prompt
 from suites.interposed_checks import marks
 
@@ -69,10 +69,10 @@ def prompt_for(n: int) -> str:
     return fresh_prompt((3, 20, 60)[shape])
 
 
-def eos_ignored(deployment: Deployment) -> dict:
-    """`ignore_eos` where the frontend takes it (asked before any counting starts): a prompt whose
-    greedy first token is EOS would end on the prefill, and never reach the decode's counters."""
-    return {"ignore_eos": True} if deployment.endpoint().accepts("ignore_eos", True) else {}
+def eos_ignored(endpoint: OpenAIEndpoint) -> dict:
+    """`ignore_eos` where the frontend takes it (ask before any counting starts): a random-weight
+    model may stop at once, and a prompt whose greedy first token is EOS ends on the prefill."""
+    return {"ignore_eos": True} if endpoint.accepts("ignore_eos", True) else {}
 
 
 def ask(deployment: Deployment, n: int, timeout_s: float = 120.0, extra: dict | None = None) -> Answer:
@@ -189,7 +189,7 @@ def handoffs(deployment: Deployment, since: dict[str, int]) -> dict | None:
 def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
                                            requests: int = REQUESTS, keep: dict | None = None) -> dict:
     """`keep`, where given, gets the burst's answers (`keep["answers"]`) whatever the check finds."""
-    extra = eos_ignored(deployment)
+    extra = eos_ignored(deployment.endpoint())
     before, waited = idle_baseline(deployment)
     relay_marks = marks(deployment)
     started = time.monotonic()

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from harness import evidence as ev
 from harness.deployment import Deployment
 from harness.engines.metrics import Metrics
 
@@ -27,7 +28,7 @@ class Timeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = time.monotonic()
-        self.frontend = deployment.lacks_frontend_metrics() is None
+        self.frontend = deployment.lacks(ev.FRONTEND_METRICS) is None
 
     def _sample(self) -> dict:
         row: dict = {"t": round(time.monotonic() - self._t0, 2)}

@@ -17,6 +17,7 @@ from harness.engines.metrics import Metrics
 from harness.openai_client import OpenAIEndpoint
 from suites.disagg_checks import (assert_aborted, finish_reasons, fresh_prompt, read_data_events,
                                   sse_error_message, wait_for_quantity)
+from suites.load_checks import eos_ignored
 
 pytestmark = [pytest.mark.spec("4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines")]
 DECODE_METRICS = ev.engine_metrics("decode")
@@ -31,7 +32,7 @@ def disconnect_mid_stream(endpoint: OpenAIEndpoint, decode_url: str) -> tuple[Me
     running-requests gauge (to see that the request ran there at all).
     """
     # ignore_eos keeps a random-weight model from stopping early; sent only where it is accepted.
-    extra = {"ignore_eos": True} if endpoint.accepts("ignore_eos", True) else {}
+    extra = eos_ignored(endpoint)
     before = Metrics.scrape(decode_url)
     counts_aborts = before.get("aborted_requests") is not None
     if not counts_aborts and before.missing("generation_tokens", "requests_running"):

@@ -37,6 +37,16 @@ def test_a_dead_workers_lease_expires_and_its_model_is_removed(cluster, fake_eng
     assert not cluster.store.entries(), "an expired lease must leave no entry behind"
 
 
+def missing_from_the_store(cluster, key: str, seconds: float) -> list[float]:
+    """Watch the store for `seconds`; when `key` was missing, as seconds before the end."""
+    deadline, gaps = time.monotonic() + seconds, []
+    while time.monotonic() < deadline:
+        if key not in cluster.store.entries():
+            gaps.append(round(deadline - time.monotonic(), 1))
+        time.sleep(0.1)
+    return gaps
+
+
 def test_a_health_check_that_times_out_on_a_loaded_host_does_not_let_the_lease_lapse(make_cluster, fake_engines,
                                                                                      caplog):
     """Lease 4 s: every other /health answers too late (2 s, past its 1 s timeout), the next one
@@ -45,12 +55,8 @@ def test_a_health_check_that_times_out_on_a_loaded_host_does_not_let_the_lease_l
     cluster = make_cluster(lease_s=4.0)
     decode = fake_engines("decode", health_delays_s=(2.0, 0.2))
     key = cluster.register(decode).entry.key
-    deadline, gaps = time.monotonic() + 8, []
     with caplog.at_level(logging.WARNING, logger="harness.worker.registration"):
-        while time.monotonic() < deadline:
-            if key not in cluster.store.entries():
-                gaps.append(round(deadline - time.monotonic(), 1))
-            time.sleep(0.1)
+        gaps = missing_from_the_store(cluster, key, 8)
     assert not gaps, f"the entry was missing from the store {len(gaps)} times (seconds before the end: {gaps})"
     assert "had lapsed" not in caplog.text
 
@@ -64,12 +70,8 @@ def test_an_engine_slower_to_answer_health_than_a_renewal_period_keeps_its_lease
     cluster = make_cluster(lease_s=4.0)
     decode = fake_engines("decode", health_delays_s=(1.6,))
     key = cluster.register(decode).entry.key
-    deadline, gaps = time.monotonic() + 10, []
     with caplog.at_level(logging.WARNING, logger="harness.worker.registration"):
-        while time.monotonic() < deadline:
-            if key not in cluster.store.entries():
-                gaps.append(round(deadline - time.monotonic(), 1))
-            time.sleep(0.1)
+        gaps = missing_from_the_store(cluster, key, 10)
     assert not gaps, f"the entry was missing from the store {len(gaps)} times (seconds before the end: {gaps})"
     assert "had lapsed" not in caplog.text and "not renewing" not in caplog.text
 

@@ -179,8 +179,13 @@ def test_under_load_numbers_are_a_table_of_their_own_with_the_sums_side_by_side_
         "storm": {"requests": 48, "plans": {"before_first_byte": 12, "after_tokens": 24, "stays": 12},
                   "engines": {"settled_after_s": 31.2}, "frontend": {"frontend_worker_requests_in_flight": 0.0},
                   "timeline": {"plot": "/x/under-load/cpu-files-abort-storm.png"}}}}
-    md = render_markdown(build_report({"kind": "embedded", "frontend": {"name": "harness"}}, [burst, storm], REPO_ROOT))
+    kill = {**check("suites/test_under_load.py::test_kill[cpu-files]", spec=("8",)), "properties": {
+        "kill": {"cut_by_the_kill": 8, "others_completed": 8, "last_cut_end_after_kill_s": 0.1, "restart_s": 31.2,
+                 "new_requests": {"answered": 4, "by_worker": ["w-aggregated"]}}}}
+    md = render_markdown(build_report({"kind": "embedded", "frontend": {"name": "harness"}}, [burst, storm, kill],
+                                      REPO_ROOT))
     section = md.split("## Under load (SPEC §8)", 1)[1]
     assert "| 64 / 0 | 7690 = 0 + 1664 + 6026 | 1792 = 1792 | 6914048 = 6914048 | 0.7 s | " \
            "[plot](under-load/cpu-files-burst.png) |" in section
     assert "| 48: 12 / 24 / 12 | 31.2 s | 0.0 | [plot](under-load/cpu-files-abort-storm.png) |" in section
+    assert "| test_kill[cpu-files] | passed | 8 / 8 | 0.1 s | 4 (w-aggregated) | 31.2 s |" in section
