@@ -1,8 +1,8 @@
 """A decode worker lost with many streams open (SPEC §8, §4.4), on the embedded deployment.
 
 16 clients stream long greedy completions at once. For the length of the check the deployment's
-aggregated engine is registered behind the frontend as a second worker that can decode, so about
-half the streams run on the decode engine. Once at least 4 are open on the decode (or, on a fast host, once one has ended with others
+aggregated engine is registered behind the frontend as a second worker (an aggregated one: it runs
+its requests whole, with no prefill), so about half the streams run on the decode engine. Once at least 4 are open on the decode (or, on a fast host, once one has ended with others
 still open), by its relay
 (the engine has sent tokens and no `[DONE]`: the clients read more slowly than it generates, so
 their own counts say little; each stream's X-Request-Id ties it to its relay exchange), the

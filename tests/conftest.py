@@ -56,10 +56,16 @@ def store_url(request) -> str | None:
     return f"{request.getfixturevalue('etcd_server').url}/t{os.urandom(6).hex()}"
 
 
+# The suites' lease. These tests share 2 cores with the engine checks on the other xdist worker:
+# with 3 s, one CI run saw fake engines' leases lapse mid-test (a renewal thread starved past a
+# lease) and a request answered 502. Tests of lapsing leases ask for short ones themselves.
+LEASE_S = 10.0
+
+
 @pytest.fixture
 def cluster(tmp_path, tiny_model, store_url):
     """A frontend with discovery and a worker side, and no engines yet."""
-    with Cluster(tmp_path / "cluster", tiny_model, "tiny", block_size=32, lease_s=3.0, timeout_s=10,
+    with Cluster(tmp_path / "cluster", tiny_model, "tiny", block_size=32, lease_s=LEASE_S, timeout_s=10,
                  store=store_url) as c:
         yield c
 
@@ -72,7 +78,7 @@ def make_cluster(tmp_path, tiny_model, store_url):
     def make(**kw) -> Cluster:
         store = f"{store_url}-{len(made)}" if store_url else None
         c = Cluster(tmp_path / f"cluster{len(made)}", tiny_model, "tiny", block_size=32, store=store,
-                    **{"lease_s": 3.0, "timeout_s": 10, **kw})
+                    **{"lease_s": LEASE_S, "timeout_s": 10, **kw})
         made.append(c.start())
         return c
 

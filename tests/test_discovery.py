@@ -27,7 +27,8 @@ def test_a_model_appears_when_its_worker_registers_and_goes_when_it_stops(cluste
     assert listed(cluster) == []
 
 
-def test_a_dead_workers_lease_expires_and_its_model_is_removed(cluster, fake_engines):
+def test_a_dead_workers_lease_expires_and_its_model_is_removed(make_cluster, fake_engines):
+    cluster = make_cluster(lease_s=3.0)
     decode = fake_engines("decode")
     cluster.register(decode)
     cluster.wait_for_roles({"decode"})

@@ -69,8 +69,9 @@ def test_requests_are_counted_by_routing_mode(make_cluster, fake_engines):
     serve(aggregated, fake_engines("decode"))
     for cluster in (disagg, aggregated):
         for _ in range(2):
-            assert requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT,
-                                                                        "max_tokens": 4}, timeout=30).ok
+            resp = requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT,
+                                                                        "max_tokens": 4}, timeout=30)
+            assert resp.ok, resp.text
     assert sample(scrape(disagg), "disagg_frontend_requests", model="tiny", mode="disaggregated") == 2
     assert sample(scrape(disagg), "disagg_frontend_requests", mode="aggregated") is None
     assert sample(scrape(aggregated), "disagg_frontend_requests", model="tiny", mode="aggregated") == 2

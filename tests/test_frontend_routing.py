@@ -68,6 +68,21 @@ def test_final_usage_reports_the_prefills_prompt_tokens_details(cluster, fake_en
     assert usage["prompt_tokens_details"]["cached_tokens"] >= 32, "the prefill's prefix hit must reach the client"
 
 
+def test_a_worker_registered_as_aggregated_runs_its_requests_whole_even_beside_a_prefill_pool(cluster, fake_engines):
+    """It has no KV connector to pull a prefill's blocks: a prefill for it would only pin them until their lease ends."""
+    prefill, decode, aggregated = fake_engines("prefill"), fake_engines("decode"), fake_engines("aggregated")
+    serve(cluster, prefill, decode, aggregated)
+    modes = {}
+    for _ in range(4):
+        resp = complete(cluster)
+        assert resp.status_code == 200, resp.text
+        modes.setdefault(resp.headers["x-disagg-decode-worker"], set()).add(resp.headers["x-disagg-mode"])
+    assert sorted(map(sorted, modes.values())) == [["aggregated"], ["disaggregated"]], modes
+    assert len(prefill.state.bodies) == len(decode.state.bodies) == len(aggregated.state.bodies) == 2
+    assert not any("kv_transfer_params" in b for b in aggregated.state.bodies)
+    assert all(b["kv_transfer_params"]["do_remote_prefill"] for b in decode.state.bodies)
+
+
 def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_engines):
     prefill, decode = fake_engines("prefill", fail_status=500), fake_engines("decode")
     serve(cluster, prefill, decode)

@@ -202,9 +202,15 @@ class RoutedEngine:
         block_size = decoders[0].block_size
         blocks = block_hashes(prompt.token_ids, block_size, self.hashed_media(prompt)) if self.selection == "kv" else []
         prefills = self.instances("prefill")
-        prefill = self._pick(prefills, blocks, "prefill") if prefills else None
         # In disaggregation the prefix cache that matters is the prefill's; decode goes by load.
-        decode = self._pick(decoders, [] if prefill else blocks, "decode")
+        decode = self._pick(decoders, [] if prefills else blocks, "decode")
+        # A worker registered as aggregated runs the whole request itself: it has no KV connector
+        # to pull a prefill's blocks (vLLM: "Got kv_transfer_params, but no KVConnector found"), so
+        # a prefill for it is wasted, and its blocks stay pinned on the prefill until their lease
+        # ends (each such request counts as a kv_expired_request there). On vLLM CPU this also
+        # stalled the aggregated engine: a 4-token request took 31.9 s while the prefill held
+        # blocks nobody would read, 0.6 s otherwise (docs/design.md, "Aggregated workers").
+        prefill = self._pick(prefills, blocks, "prefill") if prefills and decode.role != "aggregated" else None
         route = Route(request_id, "disaggregated" if prefill else "aggregated", decode, prefill, blocks=blocks,
                       block_size=block_size)
         if self.selection == "kv":
