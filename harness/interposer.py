@@ -101,6 +101,7 @@ class Exchange:
     router_left: bool = False  # the router closed the connection before the answer ended
     upstream_error: str | None = None
     ended: float | None = None
+    first_event: float | None = None  # time.time() the first SSE data event passed on (a decode's first token)
 
     @property
     def request_id(self) -> str | None:
@@ -339,6 +340,7 @@ class Interposer:
                     out.append(event + b"\n\n")
                     if event.startswith(b"data:"):
                         ex.events += 1
+                        ex.first_event = ex.first_event or time.time()
                         ex.done = ex.done or event.strip() == b"data: [DONE]"
                     if cut is not None and ex.events >= cut.after_events:
                         await resp.write(b"".join(out))

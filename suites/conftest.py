@@ -35,6 +35,7 @@ from harness.interposer import InterposedEngine
 from harness.openai_client import choose_model
 from harness.router_process import fill_template, started
 from harness.worker.metadata_server import MetadataServer
+from suites import interposed_checks
 from suites.embedded import EMBEDDED_LABELS, build_embedded, make_models
 from suites.multimodal import EmbeddedMultimodal, MultimodalTarget
 from suites.planted_frontends import start_planted
@@ -479,6 +480,7 @@ def planted_router(disagg):
         pytest.skip("a planted router shows a check failing once, on the file-store run; the store changes nothing "
                     "it sends its engines")
     made = []
+    since = interposed_checks.marks(disagg)
 
     def make(fault: str) -> Deployment:
         relays = [SimpleNamespace(name=f"planted-{fault}-{role}", role=role, url=disagg.interposed[role].url)
@@ -493,4 +495,6 @@ def planted_router(disagg):
     yield make
     for cluster in made:
         cluster.stop()
+    if made:  # KV a planted router stranded on the prefill would hold it, and stall its core, for a lease
+        interposed_checks.release_stranded_kv(disagg, since)
     disagg.cluster.wait_for_roles({"prefill", "decode"}, timeout_s=60)

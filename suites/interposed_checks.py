@@ -8,6 +8,7 @@ needs the router's cooperation: no header, no discovery record, no metric of its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -47,6 +48,31 @@ def seen(deployment: Deployment, marks: dict[str, int]) -> dict[str, list[Exchan
 
 def marks(deployment: Deployment) -> dict[str, int]:
     return {role: relay.mark() for role, relay in deployment.interposed.items()}
+
+
+def release_stranded_kv(deployment: Deployment, since: dict[str, int]) -> int:
+    """Have the decode engine take the KV that prefills answered since `since` and no decode asked
+    for (a planted router dropped the kv_transfer_params, say): each is pulled by a one-token
+    request carrying the prefill's kv_transfer_params, straight to the decode engine. Otherwise the
+    prefill holds those blocks until the lease ends, and on vLLM CPU an engine sharing its core
+    stalls meanwhile (docs/design.md): the next check would wait a lease or run slow. Returns how
+    many were taken."""
+    if not {"prefill", "decode"} <= set(deployment.interposed) or "decode" not in deployment.engines:
+        return 0
+    asked = {((e.body or {}).get("kv_transfer_params") or {}).get("remote_request_id")
+             for e in deployment.interposed["decode"].exchanges(since.get("decode", 0)) if isinstance(e.body, dict)}
+    taken = 0
+    for ex in deployment.interposed["prefill"].exchanges(since.get("prefill", 0)):
+        ktp = ex.response.get("kv_transfer_params") if isinstance(ex.response, dict) else None
+        if not isinstance(ex.body, dict) or not isinstance(ktp, dict) or ktp.get("remote_request_id") in asked:
+            continue
+        if not ktp.get("do_remote_prefill") or ktp.get("remote_block_ids") is None:
+            continue
+        body = {**ex.body, "max_tokens": 1, "stream": False, "kv_transfer_params": ktp}
+        body.pop("max_completion_tokens", None)
+        with contextlib.suppress(httpx.HTTPError):
+            taken += httpx.post(f"{deployment.url('decode')}{ex.path}", json=body, timeout=60).is_success
+    return taken
 
 
 def sent_once(exchanges: dict[str, list[Exchange]], role: str) -> Exchange:

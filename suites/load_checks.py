@@ -133,9 +133,12 @@ def delta(after: dict[str, Metrics], before: dict[str, Metrics], role: str, quan
     return after[role].delta(before[role], quantity)
 
 
+def kv_lease_s(deployment: Deployment) -> float:
+    return deployment.profile.kv_lease_s if deployment.profile else VLLM_DEFAULT_KV_LEASE_S
+
+
 def settle_within_s(deployment: Deployment) -> float:
-    lease = deployment.profile.kv_lease_s if deployment.profile else VLLM_DEFAULT_KV_LEASE_S
-    return lease + SETTLE_MARGIN_S
+    return kv_lease_s(deployment) + SETTLE_MARGIN_S
 
 
 def settle(deployment: Deployment, kv_usage_at_most: dict[str, float | None]) -> dict:
@@ -162,28 +165,41 @@ def idle_baseline(deployment: Deployment) -> tuple[dict[str, Metrics], dict]:
     return waited.pop("metrics"), waited
 
 
-def handoffs(deployment: Deployment, since: dict[str, int]) -> dict | None:
-    """How long the router held each prefill's answer before it sent the decode the KV to pull,
-    by the relays' clocks (the prefill's remote_request_id ties the two). The prefill's KV lease
-    runs from its answer until the decode takes the request and heartbeats it: a handoff longer
-    than the lease is KV that expires unread."""
+def handoffs(deployment: Deployment, since: dict[str, int], lease_s: float | None = None) -> dict | None:
+    """Where a prefill's KV lease went, by the relays' clocks (the prefill's remote_request_id ties
+    a prefill to its decode). The lease runs from the prefill's answer until the decode takes the
+    request and pulls: KV expires unread when the router holds the answer past the lease (a long
+    handoff), never sends a decode for it (an unread prefill: a retried or abandoned prefill), or
+    the decode pulls late (its first token comes more than a lease after the request reached it)."""
     if not {"prefill", "decode"} <= set(deployment.interposed):
         return None
     answered = {}
+    prefill_requests = 0
     for ex in deployment.interposed["prefill"].exchanges(since["prefill"]):
+        prefill_requests += 1
         ktp = (ex.response or {}).get("kv_transfer_params") if isinstance(ex.response, dict) else None
         if isinstance(ktp, dict) and ktp.get("remote_request_id") and ex.ended:
             answered[ktp["remote_request_id"]] = ex.ended
-    gaps = []
+    gaps, asked, first_token_after = [], set(), []
     for ex in deployment.interposed["decode"].exchanges(since["decode"]):
         ktp = (ex.body or {}).get("kv_transfer_params") if isinstance(ex.body, dict) else None
         rid = ktp.get("remote_request_id") if isinstance(ktp, dict) else None
         if rid in answered:
+            asked.add(rid)
             gaps.append(ex.started - answered[rid])
-    if not gaps:
+            if ex.first_event is not None:
+                first_token_after.append(ex.first_event - ex.started)
+    if not gaps and not answered:
         return None
     gaps.sort()
-    return {"handed_off": len(gaps), "p50_s": round(gaps[len(gaps) // 2], 3), "max_s": round(gaps[-1], 3)}
+    first_token_after.sort()
+    out = {"prefill_requests": prefill_requests, "prefills_answered": len(answered), "handed_off": len(gaps),
+           "unread_prefills": sorted(set(answered) - asked)[:5], "unread_prefill_count": len(set(answered) - asked),
+           "p50_s": round(gaps[len(gaps) // 2], 3) if gaps else None, "max_s": round(gaps[-1], 3) if gaps else None,
+           "decode_first_token_max_s": round(first_token_after[-1], 3) if first_token_after else None}
+    if lease_s is not None:
+        out["decode_first_token_after_a_lease"] = sum(t > lease_s for t in first_token_after)
+    return out
 
 
 def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: int = CONCURRENCY,
@@ -198,10 +214,14 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
     if keep is not None:
         keep["answers"], keep["extra"] = answers, extra
     numbers: dict = {"requests": requests, "concurrency": concurrency, "burst_s": round(time.monotonic() - started, 1)}
-    settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
-    after = settled.pop("metrics")
-    numbers["idle_before_after_s"], numbers["drain"] = waited["settled_after_s"], settled
-    numbers["prefill_to_decode_handoff"] = handoffs(deployment, relay_marks)
+    # The counters that account for the burst are final once no engine runs a request; KV held for
+    # a decode that never came is freed only when its lease ends. So the accounting is read and
+    # checked first, and the wait for idle (up to a lease) comes after: a burst that fails its
+    # accounting (a router dropping kv_transfer_params) says so without waiting a lease first.
+    ran = settle(deployment, {})
+    counted = ran.pop("metrics")
+    numbers["idle_before_after_s"], numbers["requests_ended_after_s"] = waited["settled_after_s"], ran["settled_after_s"]
+    numbers["prefill_to_decode_handoff"] = handoffs(deployment, relay_marks, kv_lease_s(deployment))
     broken = [asdict(a) for a in answers if a.status != 200 or a.error or not a.finish_reason or a.done is False]
     numbers["errors"] = len(broken)
     assert not broken, f"{len(broken)} of {requests} answers were errors or incomplete, e.g. {broken[:3]} {numbers}"
@@ -217,10 +237,10 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
                     f"(x-disagg-mode) or the decode's relay saw it: it reported {sorted(modes)}")
     missing = [a.n for a in answers if a.prompt_tokens is None]
     assert not missing, f"answers without usage.prompt_tokens: {missing[:10]}"
-    decode = kv_sources(after["decode"], before["decode"])
+    decode = kv_sources(counted["decode"], before["decode"])
     prompt_total = sum(a.prompt_tokens for a in answers)
     told_cached = sum(a.cached_tokens or 0 for a in answers)
-    prefill_hits = delta(after, before, "prefill", "prompt_tokens_local_cache_hit")
+    prefill_hits = delta(counted, before, "prefill", "prompt_tokens_local_cache_hit")
     numbers["accounting"] = {"clients_prompt_tokens": prompt_total, **{f"decode_{k}": v for k, v in decode.items()},
                              "clients_cached_tokens": told_cached,
                              "answers_without_prompt_tokens_details": sum(a.cached_tokens is None for a in answers),
@@ -237,7 +257,7 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
         f"the clients were told {told_cached} cached tokens in all, the prefill counted {prefill_hits:.0f} prefix "
         f"hits: some usage is not the prefill's {numbers['accounting']}")
     block = deployment.kv_block()
-    moved = delta(after, before, "decode", "kv_transfer_bytes")
+    moved = delta(counted, before, "decode", "kv_transfer_bytes")
     if block is not None and moved is not None:
         block_size, block_bytes = block
         decode_hit_blocks = decode["local_cache_hit"] / block_size
@@ -247,16 +267,37 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
         assert moved == blocks * block_bytes, (
             f"NIXL moved {moved:.0f} bytes over the burst; its {blocks:.0f} transferred blocks of this model's KV take "
             f"{blocks * block_bytes:.0f} (SPEC §4.1) {numbers['kv_bytes']}")
+    settled = settle(deployment, {role: m.get("kv_cache_usage") for role, m in before.items()})
+    after = settled.pop("metrics")
+    numbers["drain"] = settled
     assert settled["quiet"], (
         f"{settle_within_s(deployment):.0f} s after the burst the engines are not idle again: {settled['engines']}")
     for quantity in ("kv_transfers_failed", "kv_expired_requests"):
         for role in ("prefill", "decode"):
             value = delta(after, before, role, quantity)
             numbers.setdefault("kv_faults", {})[f"{role}_{quantity}"] = value
-            assert value in (0, None), (f"the {role} counted {value:.0f} {quantity} over the burst {numbers['kv_faults']}; "
-                                        f"the router's prefill-to-decode handoff: {numbers['prefill_to_decode_handoff']}")
+            assert value in (0, None), (f"the {role} counted {value:.0f} {quantity} over the burst {numbers['kv_faults']}"
+                                        f"{where_the_lease_went(numbers['prefill_to_decode_handoff'], requests)}")
     numbers["answers"] = [asdict(a) for a in answers]
     return numbers
+
+
+def where_the_lease_went(handoff: dict | None, requests: int) -> str:
+    """The relays' account of an expiry: the router's doing, the decode's, or neither."""
+    if handoff is None:
+        return " (no relays in front of the engines: the suite cannot tell the router's part)"
+    said = []
+    if handoff["unread_prefill_count"]:
+        said.append(f"the router sent {handoff['prefill_requests']} prefills for {requests} requests, and no decode "
+                    f"request asked for the KV of {handoff['unread_prefill_count']} of them")
+    if handoff.get("decode_first_token_after_a_lease"):
+        said.append(f"{handoff['decode_first_token_after_a_lease']} decode requests got their first token more than a "
+                    f"lease after they reached the decode (it pulled late)")
+    if not said:
+        said.append(f"every prefill was handed off (max {handoff['max_s']} s) and every decode's first token came "
+                    f"within {handoff['decode_first_token_max_s']} s: neither the router's handoff nor a late pull "
+                    f"explains it")
+    return f"; by the relays: {'; '.join(said)} {handoff}"
 
 
 REFERENCE_SAMPLE = 16
