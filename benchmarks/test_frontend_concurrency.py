@@ -1,21 +1,29 @@
-"""The frontend's P/D relay cost under concurrency: direct to decode, the floor relay, the frontend.
+"""The frontend's P/D relay cost under concurrency: direct to decode, the floor relay, vLLM's own
+P/D router, the frontend.
 
 Zero-latency fake engines (prefill answers at once, decode streams 64 tokens with no delay), each
-in its own process; the harness frontend (prefill and decode registered) and the floor relay
-(`benchmarks/floor_relay.py`) in theirs; the load generator (`benchmarks/load_gen.py`) in its own,
-closed loop. All share the machine's cores, as a user's load tool and frontend would. At each
-concurrency the three arms run in several rounds, alternating their order (ABC, CBA, ...), so
-machine noise hits all of them. Written to reports/frontend_concurrency.{json,md,png}.
+in its own process; the harness frontend (prefill and decode registered), the floor relay
+(`benchmarks/floor_relay.py`) and vllm-router 0.1.17 (`--vllm-pd-disaggregation --policy
+round_robin`, the Rust router a user would pick instead) in theirs; the load generator
+(`benchmarks/load_gen.py`) in its own, closed loop. All share the machine's cores, as a user's load
+tool and frontend would. Every arm gets the same request, the prompt as token ids: the fake
+engines do not tokenize, and vllm-router passes a text prompt through to them untouched. At each
+concurrency the arms run in several rounds, alternating their order (ABCD, DCBA, ...), so machine
+noise hits all of them. Written to reports/frontend_concurrency.{json,md,png}.
 
-Targets (issue 10), as ratios from the same run: C=1 added TTFT p50 <= 1 ms; C=16 tokens/s
->= 0.5x direct and TTFT p50 <= 3x direct. A target the floor itself misses on this machine is
-reported as not attainable here, with both figures, rather than failed.
+Targets, as ratios from the same run. Issue 10's, against direct: C=1 added TTFT p50 <= 1 ms;
+C=16 tokens/s >= 0.5x direct and TTFT p50 <= 3x direct; a target the floor itself misses on this
+machine is reported as not attainable here, with both figures, rather than failed. Issue 17's,
+against vllm-router: tokens/s at C=16 and C=64 at least vllm-router's; at C=1 the TTFT p50 added
+over direct no more than vllm-router's, or, where the floor misses that too, within 0.2 ms of the
+floor's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +37,7 @@ from fixtures.tiny_llama import cached_tiny_llama
 from harness.discovery import FileStore
 from harness.engines.launcher import EngineProcess, free_port, stderr_progress
 from harness.engines.profiles import LaunchSpec
+from harness.router_process import started
 from harness.worker.metadata_server import MetadataServer
 from harness.worker.registration import WorkerRegistration
 
@@ -37,13 +46,21 @@ CONCURRENCY = tuple(int(c) for c in os.environ.get("DISAGG_BENCH_CONCURRENCY", "
 ROUNDS = int(os.environ.get("DISAGG_BENCH_ROUNDS", "3"))
 REQUESTS = {1: 200, 16: 400, 64: 640}  # per arm and round
 TOKENS = 64
-PROMPT = "Disaggregated serving splits prefill and decode across different workers. " * 4
-ARMS = ("direct", "floor", "frontend")
-TARGETS = {  # name -> (concurrency, what, limit)
+ARMS = ("direct", "floor", "vllm-router", "frontend")
+TARGETS = {  # name -> (concurrency, what, limit), ratios to direct
     "C=1 TTFT p50 frontend vs direct + 1 ms": (1, "ttft_added", 1.0),
     "C=16 TTFT p50 frontend vs direct": (16, "ttft", 3.0),
     "C=16 direct tokens/s vs frontend": (16, "tps", 2.0),
 }
+# name -> (concurrency, what), against vllm-router's own figure in the same run
+PEER_TARGETS = {
+    "C=16 tokens/s frontend >= vllm-router": (16, "tps"),
+    "C=64 tokens/s frontend >= vllm-router": (64, "tps"),
+    "C=1 TTFT p50 added over direct: frontend <= vllm-router (or floor + 0.2 ms)": (1, "ttft_added"),
+}
+FLOOR_SLACK_S = 0.0002
+VLLM_ROUTER = ("vllm-router --vllm-pd-disaggregation --prefill {prefill_url} --decode {decode_url} --host {host} "
+               "--port {port} --prometheus-host 127.0.0.1 --prometheus-port {metrics_port} --policy round_robin")
 
 
 def progress(msg: str) -> None:
@@ -76,6 +93,12 @@ def relays(tmp_path_factory):
         procs.append(start("bench-floor", "frontend", [sys.executable, "-m", "benchmarks.floor_relay", "--prefill",
                                                        prefill.url, "--decode", decode.url, "--port", str(port)],
                            port, root))
+        floor = procs[-1]
+        router = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or shutil.which("vllm-router")
+        if router is None:
+            pytest.skip("needs vllm-router on PATH (pip install vllm-router==0.1.17; tox -e bench installs it)")
+        procs.append(started(VLLM_ROUTER.replace("vllm-router", router, 1), {"prefill": prefill.url,
+                                                                              "decode": decode.url}, root / "logs"))
         with MetadataServer() as metadata:
             store = FileStore(root / "store")
             registrations = [WorkerRegistration(store, metadata, engine_url=e.url, model_dir=cached_tiny_llama(),
@@ -84,12 +107,12 @@ def relays(tmp_path_factory):
             for registration in registrations:
                 registration.start()
             wait_disaggregated(frontend.url)
-            yield {"direct": decode.url, "floor": procs[-1].url, "frontend": frontend.url}
+            yield {"direct": decode.url, "floor": floor.url, "vllm-router": procs[-1].url, "frontend": frontend.url}
             for registration in registrations:
                 registration.stop()
     finally:
         for proc in reversed(procs):
-            proc.stop()
+            proc.stop(grace_s=5)
 
 
 def wait_disaggregated(url: str, timeout_s: float = 60) -> None:
@@ -107,10 +130,9 @@ def wait_disaggregated(url: str, timeout_s: float = 60) -> None:
 
 
 def body(arm: str) -> dict:
-    """The frontend gets text, as users send it (tokenizing is its job); the engine and the floor,
-    which do not tokenize, get the token ids."""
-    prompt = PROMPT if arm == "frontend" else list(range(1, 60))
-    return {"model": "fake", "prompt": prompt, "max_tokens": TOKENS, "temperature": 0.0}
+    """The same request for every arm: token ids (the fake engines do not tokenize, and vllm-router
+    would hand them a text prompt as it came)."""
+    return {"model": "fake", "prompt": list(range(1, 60)), "max_tokens": TOKENS, "temperature": 0.0}
 
 
 def load(url: str, arm: str, concurrency: int, requests: int) -> dict:
@@ -140,6 +162,30 @@ def measure_all(urls: dict[str, str]) -> dict[int, dict[str, dict]]:
     return table
 
 
+def against_the_peer(table: dict, c: int, what: str) -> dict | None:
+    """The frontend against vllm-router at C=c: tokens/s at least its, or TTFT p50 added over direct
+    at most its (within FLOOR_SLACK_S of the floor's where the floor misses vllm-router's too)."""
+    if c not in table:
+        return None
+    arms, direct = table[c], table[c]["direct"]["ttft_p50_s"]
+    if what == "tps":
+        frontend, peer = arms["frontend"]["tokens_per_s"], arms["vllm-router"]["tokens_per_s"]
+        met = frontend >= peer
+        return {"unit": "tokens/s", "frontend": frontend, "vllm-router": peer, "floor": arms["floor"]["tokens_per_s"],
+                "frontend_vs_peer": frontend / peer, "verdict": "met" if met else "missed"}
+    added = {arm: arms[arm]["ttft_p50_s"] - direct for arm in ("frontend", "vllm-router", "floor")}
+    if added["frontend"] <= added["vllm-router"]:
+        verdict = "met"
+    elif added["floor"] > added["vllm-router"]:
+        verdict = ("met within the floor's slack" if added["frontend"] <= added["floor"] + FLOOR_SLACK_S
+                   else "missed: more than 0.2 ms over the floor, which misses vllm-router too")
+    else:
+        verdict = "missed"
+    return {"unit": "ms added", **{k: v * 1e3 for k, v in added.items()},
+            "frontend_vs_peer": added["frontend"] / added["vllm-router"] if added["vllm-router"] > 0 else None,
+            "verdict": verdict}
+
+
 def ratio(table: dict, c: int, arm: str, what: str) -> float:
     direct, it = table[c]["direct"], table[c][arm]
     if what == "ttft_added":
@@ -149,11 +195,11 @@ def ratio(table: dict, c: int, arm: str, what: str) -> float:
     return direct["tokens_per_s"] / it["tokens_per_s"]
 
 
-def write_report(table: dict, verdicts: dict, out: Path) -> None:
+def write_report(table: dict, verdicts: dict, peer: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontend_concurrency.json").write_text(json.dumps(
         {"concurrency": {str(c): arms for c, arms in table.items()}, "targets": verdicts,
-         "tokens_per_request": TOKENS, "rounds": ROUNDS}, indent=2) + "\n")
+         "against_vllm_router": peer, "tokens_per_request": TOKENS, "rounds": ROUNDS}, indent=2) + "\n")
     lines = ["# Frontend relay cost under concurrency", "",
              f"Fake engines (zero latency, {TOKENS} tokens per request), closed loop, {ROUNDS} rounds per arm in "
              "alternating order. tokens/s is the whole run's throughput.", "",
@@ -168,6 +214,11 @@ def write_report(table: dict, verdicts: dict, out: Path) -> None:
     lines += ["", "| target | limit | frontend | floor | verdict |", "|---|---:|---:|---:|---|"]
     for name, v in verdicts.items():
         lines.append(f"| {name} | {v['limit']} | {v['frontend']:.2f} | {v['floor']:.2f} | {v['verdict']} |")
+    lines += ["", "Against vllm-router 0.1.17 in the same run:", "",
+              "| target | unit | frontend | vllm-router | floor | verdict |", "|---|---|---:|---:|---:|---|"]
+    for name, v in peer.items():
+        lines.append(f"| {name} | {v['unit']} | {v['frontend']:.2f} | {v['vllm-router']:.2f} | {v['floor']:.2f} | "
+                     f"{v['verdict']} |")
     lines += ["", "![relay cost](frontend_concurrency.png)", ""]
     (out / "frontend_concurrency.md").write_text("\n".join(lines))
 
@@ -178,12 +229,11 @@ def write_report(table: dict, verdicts: dict, out: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     xs = list(range(len(table)))
-    width = 0.27
+    width = 0.8 / len(ARMS)
     for i, arm in enumerate(ARMS):
-        left.bar([x + (i - 1) * width for x in xs], [table[c][arm]["ttft_p50_s"] * 1e3 for c in table], width,
-                 label=arm)
-        right.bar([x + (i - 1) * width for x in xs], [table[c][arm]["tokens_per_s"] for c in table], width,
-                  label=arm)
+        offset = (i - (len(ARMS) - 1) / 2) * width
+        left.bar([x + offset for x in xs], [table[c][arm]["ttft_p50_s"] * 1e3 for c in table], width, label=arm)
+        right.bar([x + offset for x in xs], [table[c][arm]["tokens_per_s"] for c in table], width, label=arm)
     for ax, title in ((left, "TTFT p50 (ms, lower is better)"), (right, "tokens/s (higher is better)")):
         ax.set_xticks(xs, [f"C={c}" for c in table])
         ax.set_title(title)
@@ -210,8 +260,11 @@ def test_the_frontends_relay_cost_under_concurrency_against_the_floor(benchmark,
         baseline = {"ttft_added": direct["ttft_p50_s"] + 0.001, "ttft": direct["ttft_p50_s"],
                     "tps": 1 / direct["tokens_per_s"]}[what]
         record_ratio(name, baseline, limit, target_s=baseline * frontend, floor_ratio=floor, verdict=verdict)
+    peer = {name: v for name, (c, what) in PEER_TARGETS.items() if (v := against_the_peer(table, c, what))}
+    benchmark.extra_info.update(against_vllm_router=peer)
     report_dir = Path(request.config.getoption("report_dir") or ROOT / "reports")
-    write_report(table, verdicts, report_dir)
+    write_report(table, verdicts, peer, report_dir)
     progress(f"wrote {report_dir / 'frontend_concurrency.md'}")
     missed = {n: v for n, v in verdicts.items() if v["verdict"] == "missed"}
-    assert not missed, f"the frontend misses targets the floor meets: {missed}"
+    missed |= {n: v for n, v in peer.items() if v["verdict"].startswith("missed")}
+    assert not missed, f"the frontend misses targets: {missed}"
