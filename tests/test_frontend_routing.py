@@ -83,6 +83,18 @@ def test_a_worker_registered_as_aggregated_runs_its_requests_whole_even_beside_a
     assert all(b["kv_transfer_params"]["do_remote_prefill"] for b in decode.state.bodies)
 
 
+def test_a_decode_stream_that_goes_quiet_for_the_timeout_ends_with_an_error_naming_it(make_cluster, fake_engines):
+    """A hung engine mid-stream: the client gets an error event within about the timeout, not a hang."""
+    cluster = make_cluster(timeout_s=1.0)
+    serve(cluster, fake_engines("prefill"), fake_engines("decode", token_delay_s=3.0))
+    started = time.monotonic()
+    resp = complete(cluster, stream=True, max_tokens=2)
+    took = time.monotonic() - started
+    assert resp.status_code == 200
+    assert "event: error" in resp.text and "sent nothing for 1 s" in resp.text, resp.text
+    assert took < 2.9, f"the stream ended after {took:.1f} s, not at the 1 s timeout"
+
+
 def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_engines):
     prefill, decode = fake_engines("prefill", fail_status=500), fake_engines("decode")
     serve(cluster, prefill, decode)

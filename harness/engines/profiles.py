@@ -110,17 +110,26 @@ class EngineProfile:
                 config["kv_connector_extra_config"] = {"shared_storage_path": str(scratch / "kv-shared-storage")}
             cmd += ["--kv-transfer-config", json.dumps(config)]
         cores = cores or self.cores.get(role)
-        if not self.gpu:
-            env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; the tiny model needs far less
-            if cores:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        memory_env, memory_args = self.vllm_memory()
+        env.update(memory_env)
+        cmd += memory_args
+        if not self.gpu and cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         gpus = gpus or self.gpus.get(role, ())
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        if self.gpu_memory_fraction:
-            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_fraction)]
         return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port,
                           frozenset(cores) if cores else None, gpus, self.image)
+
+    def vllm_memory(self) -> tuple[dict[str, str], list[str]]:
+        """What bounds a vLLM engine's memory here (env, args), for every vLLM this profile starts,
+        `vllm bench startup` included. On CPU a fixed KV space: without it vLLM reserves
+        --gpu-memory-utilization (0.92) of the node's RAM and refuses to start when less is free
+        (vllm-cpu 0.32.0, v1/worker/cpu_worker.py; seen on a fresh 2-core machine: 17.66 of 19.46
+        GiB free)."""
+        if not self.gpu:
+            return {"VLLM_CPU_KVCACHE_SPACE": "1"}, []  # GiB; the tiny model needs far less
+        return {}, (["--gpu-memory-utilization", str(self.gpu_memory_fraction)] if self.gpu_memory_fraction else [])
 
     # ---- SGLang (GPU only): bootstrap-style disaggregation
 

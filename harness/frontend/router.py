@@ -22,7 +22,6 @@ frontend hashed is an error, not a silent mis-route.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import logging
 import random
@@ -102,6 +101,28 @@ def as_completion_choice(choice: dict) -> dict:
     return out
 
 
+class ReadWatchdog:
+    """Ends an engine stream that has sent nothing for `timeout_s`: one timer per stream, looked at
+    when it could first be due, where aiohttp's sock_read moves one on every read. The relay sets
+    `last` on each read; a stalled stream is closed, so its pending read fails."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, timeout_s: float):
+        self.resp, self.timeout_s, self.loop = resp, timeout_s, asyncio.get_running_loop()
+        self.last, self.fired = self.loop.time(), False
+        self._handle = self.loop.call_later(timeout_s, self._check)
+
+    def _check(self) -> None:
+        idle = self.loop.time() - self.last
+        if idle >= self.timeout_s:
+            self.fired = True
+            self.resp.close()
+        else:
+            self._handle = self.loop.call_later(self.timeout_s - idle, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 @dataclass(frozen=True)
 class Instance:
     key: str
@@ -123,6 +144,11 @@ class Route:
     predicted_cached_blocks: int | None = None  # KV selection: leading blocks the chosen worker held
     block_size: int = 16
     expect_prompt: list[int] | None = None  # the ids the engine must report having run
+    # Its consumer takes token chunks unparsed (Annotated.raw): a streamed completion. Set before
+    # the relay is first read; the relay still parses the first chunk, and any with an error, a
+    # usage (it rewrites those) or transfer params (kv_/ec_transfer_params: the client must not
+    # see them).
+    raw_chunks: bool = False
 
     def headers(self) -> dict[str, str]:
         """Routing decisions, for clients and the suites. Engine ids are known once a stream is read."""
@@ -145,8 +171,13 @@ class RoutedEngine:
         if selection not in ("round_robin", "kv"):
             raise ValueError(f"selection {selection!r} must be 'round_robin' or 'kv'")
         self.model, self.selection, self.protocol = model, selection, protocol
-        # Per read, not per request: a stream may run for minutes while each token arrives promptly.
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
+        # A prefill answers whole within timeout_s. A decode stream may run for minutes while each
+        # token arrives promptly: it must answer within timeout_s and then never go timeout_s
+        # without a byte (ReadWatchdog). aiohttp's sock_read would do the same by moving a timer
+        # on every read; the watchdog's one timer per stream also lets the error say what happened.
+        self.timeout_s = timeout_s
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=5.0)
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()
         # One round-robin turn per pool: with one shared turn, a request's prefill pick and decode
@@ -299,7 +330,7 @@ class RoutedEngine:
 
     def prefill_body(self, engine_body: dict) -> dict:
         """The prefill's copy of the request (SPEC §4.1): one token, unstreamed, a remote decode asked for."""
-        body = copy.deepcopy(engine_body)
+        body = dict(engine_body)  # every change below is to a top-level key; nested values are only read
         body.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS))
         if "max_completion_tokens" in body:
             body["max_completion_tokens"] = 1
@@ -354,8 +385,9 @@ class RoutedEngine:
         self.load[instance.key] = self.load.get(instance.key, 0) + 1
         try:
             try:
-                resp = await client.post(f"{instance.url}{route_path(body)}", data=dumps(body),
-                                         headers=self._headers(request_id), timeout=self.timeout)
+                async with asyncio.timeout(self.timeout_s):
+                    resp = await client.post(f"{instance.url}{route_path(body)}", data=dumps(body),
+                                             headers=self._headers(request_id), timeout=self.stream_timeout)
             except ENGINE_ERRORS as exc:
                 raise DecodeError(f"{instance.role} worker {instance.key} at {instance.url} failed: "
                                   f"{type(exc).__name__}: {exc}") from None
@@ -372,16 +404,29 @@ class RoutedEngine:
         """Engine SSE -> annotated items. A worker that dies mid-stream becomes an error item."""
         prefill_usage = ((route.prefill_response or {}).get("usage") or {})
         finished, pending = False, b""
+        passthrough = route.raw_chunks and route.expect_prompt is None
+        watchdog = ReadWatchdog(resp, self.timeout_s)
         try:
             async for data in self.engine_chunks(resp):
+                watchdog.last = watchdog.loop.time()
                 *lines, pending = (pending + data).split(b"\n")
+                raw: list[bytes] = []  # token chunks of this read passed through unparsed, in order
                 for line in lines:
                     if not line.startswith(b"data: "):
                         continue
                     payload = line[6:].strip()
                     if payload == b"[DONE]":
+                        if raw:
+                            yield Annotated(raw=raw)
                         finished = True
                         return
+                    if (passthrough and b'"error"' not in payload and b'"usage"' not in payload
+                            and b'_transfer_params"' not in payload and "decode" in route.engine_request_ids):
+                        raw.append(payload)  # a token chunk: nothing here reads it
+                        continue
+                    if raw:
+                        yield Annotated(raw=raw)
+                        raw = []
                     chunk = orjson.loads(payload)
                     route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
                     if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
@@ -397,15 +442,20 @@ class RoutedEngine:
                     if chunk.get("usage") and route.prefill_response is not None:
                         chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
                     yield Annotated(data=chunk, id=route.request_id)
+                if raw:
+                    yield Annotated(raw=raw)
                 yield FLUSH  # what arrived together leaves together: one write for the client, not one per token
             self.metrics.error(self.model, "stream_failed")
-            yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} closed the stream "
-                                    f"before [DONE]")
+            yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} " + (
+                f"sent nothing for {self.timeout_s:g} s" if watchdog.fired else "closed the stream before [DONE]"))
         except (*ENGINE_ERRORS, orjson.JSONDecodeError) as exc:
             self.metrics.error(self.model, "stream_failed")
+            why = (f"sent nothing for {self.timeout_s:g} s" if watchdog.fired
+                   else f"{type(exc).__name__}: {exc or 'connection lost'}")
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} at {route.decode.url} failed "
-                                    f"mid-stream: {type(exc).__name__}: {exc or 'connection lost'}")
+                                    f"mid-stream: {why}")
         finally:
+            watchdog.cancel()
             self.stream_closed(route, finished)
             await self.release(resp, finished)  # unfinished (the client left): this aborts the decode request
 

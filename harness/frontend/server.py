@@ -54,14 +54,13 @@ class Folded:
         if item.is_error:
             self.error = item.error_text
             return
-        if item.data is None:
-            return
-        for choice in item.data.get("choices") or []:
-            self.text += choice.get("text") or ""
-            self.token_ids += choice.get("token_ids") or []
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        if item.data.get("usage"):
-            self.usage = item.data["usage"]
+        for data in item.chunks():
+            for choice in data.get("choices") or []:
+                self.text += choice.get("text") or ""
+                self.token_ids += choice.get("token_ids") or []
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if data.get("usage"):
+                self.usage = data["usage"]
 
 
 def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher: Watcher | None = None
@@ -132,6 +131,8 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
         except RoutingError as exc:
             metrics.error(model.name, exc.kind)
             return error(exc.status, str(exc), "engine_error")
+        # A streamed completion takes the engine's token chunks as they came (CompletionShape.passthrough).
+        route.raw_chunks = bool(body.get("stream")) and not chat
         metrics.routed(model.name, route.mode)
         shape = ChatShape if chat else CompletionShape
         fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")),
@@ -232,6 +233,9 @@ class CompletionShape:
         self.model, self.id, self.include_usage = model, f"{self.prefix}-{request_id}", include_usage
         self.token_ids = token_ids  # the client asked for them (vLLM's return_token_ids)
         self.created = int(time.time())
+        self._own_id, self._own_model = b'{"id":' + orjson.dumps(self.id), b'"model":' + orjson.dumps(model)
+        self._engine_id: bytes | None = None  # b'{"id":"<the engine\'s id>"', once its first chunk is seen
+        self._engine_model: bytes | None = None  # b'"model":"<its name>"' where it differs from ours
 
     def chunk(self, data: dict) -> dict | None:
         """The client's chunk, made from the engine's in place (it is this request's own, parsed
@@ -249,6 +253,37 @@ class CompletionShape:
             data["usage"] = None
         return data
 
+    def passthrough(self, raw: bytes) -> bytes | None:
+        """The client's chunk made from the engine's bytes, without parsing them: what `chunk` does
+        to a token chunk, as byte edits (the id and model ours; the choices' token_ids, null here,
+        dropped unless the client asked for token ids; usage null unless it asked for usage).
+        None where an edit is not certain: `chunk` does it on the parsed dict. The relay passes only
+        token chunks (no usage, error or kv_transfer_params). vLLM writes its chunks compact
+        (pydantic), so the byte forms below are its; anything else takes the parsed path."""
+        if self._engine_id is None or not raw.startswith(self._engine_id):
+            return None
+        out = self._own_id + raw[len(self._engine_id):]
+        if self._engine_model is not None:
+            if self._engine_model not in out:
+                return None
+            out = out.replace(self._engine_model, self._own_model, 1)
+        if not self.token_ids:
+            out = out.replace(b',"token_ids":null', b"")
+            if b'"token_ids"' in out:
+                return None
+        if b'"usage"' in out:
+            return None
+        if not self.include_usage:
+            out = out[:-1] + b',"usage":null}'
+        return b"data: " + out + b"\n\n"
+
+    def learn(self, engine_chunk: dict) -> None:
+        """The engine's id and model, from its first chunk (parsed), for `passthrough`."""
+        if self._engine_id is None and isinstance(engine_chunk.get("id"), str):
+            self._engine_id = b'{"id":' + orjson.dumps(engine_chunk["id"])
+            model = engine_chunk.get("model")
+            self._engine_model = (b'"model":' + orjson.dumps(model)) if model != self.model else None
+
     async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
         async for item in items:
             if item is FLUSH:
@@ -256,8 +291,18 @@ class CompletionShape:
             elif item.is_error:
                 yield sse(item)
                 return  # the stream ends on an error, without [DONE]
-            elif item.data is not None and (chunk := self.chunk(item.data)) is not None:
-                yield sse(Annotated(data=chunk))
+            elif item.raw is not None:
+                parts = []
+                for raw in item.raw:
+                    if (out := self.passthrough(raw)) is None and (chunk := self.chunk(orjson.loads(raw))) is not None:
+                        out = b"data: " + dumps(chunk) + b"\n\n"
+                    if out is not None:
+                        parts.append(out)
+                yield b"".join(parts)
+            elif item.data is not None:
+                self.learn(item.data)
+                if (chunk := self.chunk(item.data)) is not None:
+                    yield b"data: " + dumps(chunk) + b"\n\n"
         yield DONE
 
     def response(self, f: Folded) -> dict:
@@ -270,6 +315,9 @@ class CompletionShape:
 
 class ChatShape(CompletionShape):
     object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def passthrough(self, raw: bytes) -> bytes | None:
+        return None  # every chunk is reshaped
 
     def chunk(self, data: dict) -> dict | None:
         choices = []

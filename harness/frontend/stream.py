@@ -22,13 +22,24 @@ def dumps(data: Any) -> bytes:
         return json.dumps(data).encode()
 
 
-@dataclass
+@dataclass(slots=True)
 class Annotated:
     data: Any = None
     id: str | None = None
     event: str | None = None
     comment: list[str] = field(default_factory=list)
     error: str | None = None
+    # Token chunks as the engine sent them (JSON bytes each, unparsed, in order: what one read of
+    # the engine stream brought), where the relay passes them through for a consumer that asked
+    # for that (a streamed completion). One item for them all: one hop through the generators per
+    # read, not per token.
+    raw: list[bytes] | None = None
+
+    def chunks(self) -> list[Any]:
+        """The data, or the raw chunks parsed; [] for an item without either."""
+        if self.raw is not None:
+            return [orjson.loads(r) for r in self.raw]
+        return [] if self.data is None else [self.data]
 
     @property
     def is_error(self) -> bool:

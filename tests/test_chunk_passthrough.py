@@ -1,0 +1,62 @@
+"""A streamed completion's token chunks pass through the frontend unparsed (CompletionShape.passthrough):
+what the client gets is what the parsed path would have made of the same chunk, or the parsed path runs."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from harness.frontend.server import ChatShape, CompletionShape
+
+
+def vllm_chunk(text: str, engine_id: str = "cmpl-abc-0-1f", model: str = "tiny-llama", finish=None,
+               token_ids=None) -> bytes:
+    """As vLLM 0.32 writes it (pydantic, compact, exclude_unset: prompt_token_ids and token_ids set, null)."""
+    return orjson.dumps({"id": engine_id, "object": "text_completion", "created": 1, "model": model,
+                         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                                      "stop_reason": None, "prompt_token_ids": None, "token_ids": token_ids}]})
+
+
+def both_ways(shape_args: dict, first: bytes, chunk: bytes) -> tuple[bytes | None, dict | None]:
+    fast, slow = CompletionShape(**shape_args), CompletionShape(**shape_args)
+    for shape in (fast, slow):
+        shape.learn(orjson.loads(first))
+    out = fast.passthrough(chunk)
+    expected = slow.chunk(orjson.loads(chunk))
+    return out, expected
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("served", ["tiny-llama", "another-name"])
+@pytest.mark.parametrize("text", [" t5", "é \\\" {\"id\":\"x\"}", ""])
+def test_a_vllm_token_chunk_passes_through_as_the_parsed_path_would_shape_it(include_usage, served, text):
+    args = {"model": served, "request_id": "req-1", "include_usage": include_usage}
+    out, expected = both_ways(args, vllm_chunk(" first"), vllm_chunk(text, finish="length" if not text else None))
+    assert out is not None, "a vLLM token chunk takes the fast path"
+    assert out.startswith(b"data: ") and out.endswith(b"\n\n")
+    assert json.loads(out[6:]) == expected
+
+
+def test_token_ids_the_client_asked_for_pass_through_and_otherwise_the_parsed_path_drops_them():
+    asked = {"model": "tiny-llama", "request_id": "r", "include_usage": False, "token_ids": True}
+    out, expected = both_ways(asked, vllm_chunk(" a"), vllm_chunk(" b", token_ids=[7]))
+    assert out is not None and json.loads(out[6:]) == expected and expected["choices"][0]["token_ids"] == [7]
+    not_asked = {**asked, "token_ids": False}
+    out, _ = both_ways(not_asked, vllm_chunk(" a"), vllm_chunk(" b", token_ids=[7]))
+    assert out is None, "ids the client did not ask for must be dropped: only the parsed path can"
+
+
+def test_a_chunk_from_another_stream_or_in_another_layout_takes_the_parsed_path():
+    args = {"model": "tiny-llama", "request_id": "r", "include_usage": False}
+    other_id, _ = both_ways(args, vllm_chunk(" a"), vllm_chunk(" b", engine_id="cmpl-other"))
+    spaced, _ = both_ways(args, vllm_chunk(" a"), json.dumps(orjson.loads(vllm_chunk(" b"))).encode())
+    assert other_id is None and spaced is None
+    assert CompletionShape(**args).passthrough(vllm_chunk(" b")) is None, "no first chunk seen: nothing to match"
+
+
+def test_chat_chunks_are_always_reshaped():
+    shape = ChatShape("tiny-llama", "r", False)
+    shape.learn(orjson.loads(vllm_chunk(" a")))
+    assert shape.passthrough(vllm_chunk(" b")) is None
