@@ -467,6 +467,23 @@ def card_under_test(deployment: Deployment, card_label: str | None):
     return deployment.card(card_label)
 
 
+@pytest.fixture(autouse=True)
+def hand_stranded_kv_to_the_decode(request):
+    """After each check on a deployment with relays, KV the check left pinned on the prefill (a
+    client that left during prefill, a planted router that dropped kv_transfer_params, a relay that
+    stripped them) is handed to the decode (interposed_checks.release_stranded_kv). Else the
+    prefill holds it for a lease, and on vLLM CPU the engine beside it crawls meanwhile: the next
+    check would wait a lease for idle engines, or its reference request take 30 s."""
+    if "disagg" not in request.fixturenames:
+        yield
+        return
+    disagg = request.getfixturevalue("disagg")
+    since = interposed_checks.marks(disagg) if disagg.interposed else None
+    yield
+    if since is not None:
+        interposed_checks.release_stranded_kv(disagg, since)
+
+
 @pytest.fixture
 def planted_router(disagg):
     """A harness frontend with a planted bug in front of the embedded deployment's relays, seen as the
@@ -480,7 +497,6 @@ def planted_router(disagg):
         pytest.skip("a planted router shows a check failing once, on the file-store run; the store changes nothing "
                     "it sends its engines")
     made = []
-    since = interposed_checks.marks(disagg)
 
     def make(fault: str) -> Deployment:
         relays = [SimpleNamespace(name=f"planted-{fault}-{role}", role=role, url=disagg.interposed[role].url)
@@ -495,6 +511,4 @@ def planted_router(disagg):
     yield make
     for cluster in made:
         cluster.stop()
-    if made:  # KV a planted router stranded on the prefill would hold it, and stall its core, for a lease
-        interposed_checks.release_stranded_kv(disagg, since)
     disagg.cluster.wait_for_roles({"prefill", "decode"}, timeout_s=60)

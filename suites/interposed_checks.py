@@ -62,9 +62,13 @@ def release_stranded_kv(deployment: Deployment, since: dict[str, int]) -> int:
     asked = {((e.body or {}).get("kv_transfer_params") or {}).get("remote_request_id")
              for e in deployment.interposed["decode"].exchanges(since.get("decode", 0)) if isinstance(e.body, dict)}
     taken = 0
+    # Blocks whose lease has (nearly) run out are the prefill's to free, maybe already reused: left alone.
+    lease_s = deployment.profile.kv_lease_s if deployment.profile else 30.0
     for ex in deployment.interposed["prefill"].exchanges(since.get("prefill", 0)):
         ktp = ex.response.get("kv_transfer_params") if isinstance(ex.response, dict) else None
         if not isinstance(ex.body, dict) or not isinstance(ktp, dict) or ktp.get("remote_request_id") in asked:
+            continue
+        if ex.ended is None or time.time() - ex.ended > lease_s - 5:
             continue
         if not ktp.get("do_remote_prefill") or ktp.get("remote_block_ids") is None:
             continue

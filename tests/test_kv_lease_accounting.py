@@ -3,6 +3,7 @@ which part of the lease's path the relays saw go wrong, the router's or the deco
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 from harness.interposer import Exchange
@@ -62,12 +63,13 @@ def test_kv_a_prefill_answered_and_no_decode_asked_for_is_handed_to_the_decode_e
     from suites.interposed_checks import release_stranded_kv
 
     engine = fake_engines("decode")
-    stranded, taken = prefill(0, "stranded", 100.0), prefill(1, "taken", 100.0)
-    for ex in (stranded, taken):
+    now = time.time()
+    stranded, taken, expired = prefill(0, "stranded", now), prefill(1, "taken", now), prefill(2, "expired", now - LEASE_S)
+    for ex in (stranded, taken, expired):
         ex.body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 1, "stream": False}
         ex.response["kv_transfer_params"] |= {"do_remote_prefill": True}
-    d = deployment([stranded, taken], [decode(0, "taken", 100.01, 0.05)])
-    d.engines, d.url = {"decode": engine}, lambda role: engine.url
-    assert release_stranded_kv(d, {"prefill": 0, "decode": 0}) == 1
+    d = deployment([stranded, taken, expired], [decode(0, "taken", now + 0.01, 0.05)])
+    d.engines, d.url, d.profile = {"decode": engine}, lambda role: engine.url, SimpleNamespace(kv_lease_s=LEASE_S)
+    assert release_stranded_kv(d, {"prefill": 0, "decode": 0}) == 1, "blocks past their lease are the prefill's"
     (body,) = engine.state.bodies
     assert body["kv_transfer_params"]["remote_request_id"] == "stranded" and body["max_tokens"] == 1
