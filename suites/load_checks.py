@@ -31,14 +31,13 @@ from harness.engines.metrics import Metrics, kv_sources
 from harness.kv_geometry import blocks_for
 from harness.openai_client import OpenAIEndpoint, routing_mode, token_ids_of
 from suites.disagg_checks import fresh_prompt
-from suites.interposed_checks import marks
+from suites.interposed_checks import kv_handed_over, kv_lease_s, marks
 
 CONCURRENCY = 16
 REQUESTS = 64
 MAX_TOKENS = 8
 # KV held for a decode that never came is freed when the prefill's lease ends, so "idle again"
 # is waited for a lease and a margin: the run's profile's lease, or vLLM's default (30 s).
-VLLM_DEFAULT_KV_LEASE_S = 30.0
 SETTLE_MARGIN_S = 10.0
 SHARED_PREFIX = ("A shared system preamble that every repeat of the burst starts with, long enough to fill "
                  "several blocks of the prefix cache: the river, the mountain, the lantern and the harbor. ") * 2
@@ -133,10 +132,6 @@ def delta(after: dict[str, Metrics], before: dict[str, Metrics], role: str, quan
     return after[role].delta(before[role], quantity)
 
 
-def kv_lease_s(deployment: Deployment) -> float:
-    return deployment.profile.kv_lease_s if deployment.profile else VLLM_DEFAULT_KV_LEASE_S
-
-
 def settle_within_s(deployment: Deployment) -> float:
     return kv_lease_s(deployment) + SETTLE_MARGIN_S
 
@@ -173,20 +168,12 @@ def handoffs(deployment: Deployment, since: dict[str, int], lease_s: float | Non
     the decode pulls late (its first token comes more than a lease after the request reached it)."""
     if not {"prefill", "decode"} <= set(deployment.interposed):
         return None
-    answered = {}
-    prefill_requests = 0
-    for ex in deployment.interposed["prefill"].exchanges(since["prefill"]):
-        prefill_requests += 1
-        ktp = (ex.response or {}).get("kv_transfer_params") if isinstance(ex.response, dict) else None
-        if isinstance(ktp, dict) and ktp.get("remote_request_id") and ex.ended:
-            answered[ktp["remote_request_id"]] = ex.ended
+    prefill_requests, answered, decodes = kv_handed_over(deployment, since)
     gaps, asked, first_token_after = [], set(), []
-    for ex in deployment.interposed["decode"].exchanges(since["decode"]):
-        ktp = (ex.body or {}).get("kv_transfer_params") if isinstance(ex.body, dict) else None
-        rid = ktp.get("remote_request_id") if isinstance(ktp, dict) else None
+    for rid, ex in decodes:
         if rid in answered:
             asked.add(rid)
-            gaps.append(ex.started - answered[rid])
+            gaps.append(ex.started - answered[rid].ended)
             if ex.first_event is not None:
                 first_token_after.append(ex.first_event - ex.started)
     if not gaps and not answered:

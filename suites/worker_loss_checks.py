@@ -2,9 +2,9 @@
 
 16 clients stream long greedy completions at once. For the length of the check the deployment's
 aggregated engine is registered behind the frontend as a second worker (an aggregated one: it runs
-its requests whole, with no prefill), so about half the streams run on the decode engine. Once at least 4 are open on the decode (or, on a fast host, once one has ended with others
-still open), by its relay
-(the engine has sent tokens and no `[DONE]`: the clients read more slowly than it generates, so
+its requests whole, with no prefill), so about half the streams run on the decode engine. Once at
+least 4 are open on the decode (or, on a fast host, once one has ended with others still open), by
+its relay (the engine has sent tokens and no `[DONE]`: the clients read more slowly than it generates, so
 their own counts say little; each stream's X-Request-Id ties it to its relay exchange), the
 decode engine's process group is killed (SIGKILL: a crash, not a stop). Then:
 - no client hangs; every stream open on the decode at the kill ends within a bound with a clear
@@ -113,7 +113,12 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
     cluster.wait_for_roles({"prefill", "decode", "aggregated"}, timeout_s=60)
     remaining = worker_key(deployment, aggregated.name)
     numbers: dict = {"streams": STREAMS}
-    phases = numbers["phases"] = {"aggregated_joined_s": round(time.monotonic() - t0, 1)}  # where the time goes
+    phases = numbers["phases"] = {}  # where the time goes: seconds from the start to each step's end
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.monotonic() - t0, 1)
+
+    phase("aggregated_joined_s")
     relay = deployment.interposed["decode"]
     try:
         since = relay.mark()
@@ -130,7 +135,7 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
                 if len(open_on_decode) >= OPEN_ON_DECODE_AT_KILL or (open_on_decode and ending):
                     break
                 time.sleep(0.05)
-            phases["to_kill_s"] = round(time.monotonic() - t0, 1)
+            phase("to_kill_s")
             numbers["open_on_decode_at_kill"] = len(open_on_decode)
             open_ids = {e.request_id for e in open_on_decode}
             doomed_key = worker_key(deployment, deployment.engines["decode"].name)
@@ -138,7 +143,7 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
             deployment.kill_role("decode")
             killed.set()
             done, hanging = concurrent.futures.wait(futures, timeout=ENDED_WITHIN_S + 120)
-        phases["streams_ended_s"] = round(time.monotonic() - t0, 1)
+        phase("streams_ended_s")
         numbers["hanging"] = len(hanging)
         assert not hanging, f"{len(hanging)} of {STREAMS} streams never ended after their decode was killed"
         assert numbers["open_on_decode_at_kill"] >= 1, (
@@ -163,9 +168,9 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
         # New requests: once the frontend has noticed, every one goes to the worker that remains.
         cluster.wait_until(lambda c: "decode" not in c.roles_served(), "the dead decode's entry to go",
                            timeout_s=3 * cluster.lease_s + 10)
-        phases["dead_entry_gone_s"] = round(time.monotonic() - t0, 1)
+        phase("dead_entry_gone_s")
         new = [ask_once(deployment) for _ in range(NEW_REQUESTS)]
-        phases["new_requests_answered_s"] = round(time.monotonic() - t0, 1)
+        phase("new_requests_answered_s")
         numbers["new_requests"] = {"answered": sum(r["status"] == 200 for r in new),
                                    "by_worker": sorted({r["decode_worker"] or "?" for r in new})}
         assert all(r["status"] == 200 for r in new), f"new requests with the decode dead failed: {new}"
@@ -176,10 +181,10 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
         restart_started = time.monotonic()
         deployment.restart_role("decode")
         numbers["restart_s"] = round(time.monotonic() - restart_started, 1)
-        phases["restarted_s"] = round(time.monotonic() - t0, 1)
+        phase("restarted_s")
         reborn = worker_key(deployment, deployment.engines["decode"].name)
         after = [ask_once(deployment) for _ in range(2)]  # round robin: one of them to the restarted decode
-        phases["used_again_s"] = round(time.monotonic() - t0, 1)
+        phase("used_again_s")
         numbers["after_restart"] = sorted({r["decode_worker"] or "?" for r in after})
         assert reborn in {r["decode_worker"] for r in after}, (
             f"the restarted decode ({reborn}) got neither of 2 requests: {after}")
@@ -189,5 +194,5 @@ def kill_the_decode_with_streams_open(deployment: Deployment) -> dict:
         if "decode" not in deployment.engines or not deployment.engines["decode"].healthy():
             deployment.restart_role("decode")
         cluster.wait_for_roles({"prefill", "decode"}, timeout_s=60)
-        phases["restored_s"] = round(time.monotonic() - t0, 1)
+        phase("restored_s")
     return numbers

@@ -291,19 +291,19 @@ class CompletionShape:
             elif item.is_error:
                 yield sse(item)
                 return  # the stream ends on an error, without [DONE]
-            elif item.raw is not None:
-                parts = []
-                for raw in item.raw:
-                    if (out := self.passthrough(raw)) is None and (chunk := self.chunk(orjson.loads(raw))) is not None:
-                        out = b"data: " + dumps(chunk) + b"\n\n"
-                    if out is not None:
-                        parts.append(out)
-                yield b"".join(parts)
+            elif item.raw is not None:  # (an empty part would be a flush: none is yielded)
+                if out := b"".join(self.passthrough(raw) or self.encoded(orjson.loads(raw)) for raw in item.raw):
+                    yield out
             elif item.data is not None:
                 self.learn(item.data)
-                if (chunk := self.chunk(item.data)) is not None:
-                    yield b"data: " + dumps(chunk) + b"\n\n"
+                if out := self.encoded(item.data):
+                    yield out
         yield DONE
+
+    def encoded(self, data: dict) -> bytes:
+        """The client's SSE event for the engine's chunk (parsed); b"" where the client gets none."""
+        chunk = self.chunk(data)
+        return b"" if chunk is None else b"data: " + dumps(chunk) + b"\n\n"
 
     def response(self, f: Folded) -> dict:
         choice = {"index": 0, "text": f.text, "finish_reason": f.finish_reason, "logprobs": None}
