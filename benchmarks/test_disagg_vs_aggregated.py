@@ -7,8 +7,8 @@ prefix-cache hits), at C=1, 4 and 16, in rounds alternating the arms' order. Rep
 TTFT p50/p99, inter-token latency p50 (mean gap after the first token, per request), tokens/s,
 and disaggregated/aggregated ratios from the same run -> reports/disagg_vs_aggregated.{json,md,png}.
 
-Nothing is asserted about which is faster: on 2 shared cores, where each NIXL engine spins a
-progress thread on its core, disaggregation has no spare hardware to win with. The bench is here
+Nothing is asserted about which is faster: on 2 shared cores, where the aggregated engine has
+both, disaggregation has no spare hardware to win with. The bench is here
 so a user sees the cost of the P/D hop on their host, and so a regression in it shows as a ratio.
 """
 

