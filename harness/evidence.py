@@ -34,6 +34,9 @@ ENGINE_REQUEST_IDS = Evidence("engine_request_ids", "the request ids prefill and
                               "the frontend must report them in x-disagg-* headers")
 AGGREGATED_REFERENCE = Evidence("aggregated_reference", "an aggregated engine serving the same model, as the "
                                 "reference for output equality", "give --engine-url aggregated=URL")
+PREFILL_WORKER = Evidence("prefill_worker", "a disaggregated deployment: a prefill worker behind the frontend",
+                          "point the suite at a deployment with prefill workers (its --discovery records or "
+                          "--engine-url prefill=URL show them); this one shows aggregated workers only")
 ENGINE_CONTROL = Evidence("engine_control", "the power to stop, kill and restart engines",
                           "only the embedded deployment grants it (run without --frontend-url)")
 PLANTED_ROUTER = Evidence("planted_router", "a harness router with a planted bug in front of the deployment's "

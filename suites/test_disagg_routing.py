@@ -54,7 +54,7 @@ def scrape_decode(disagg) -> Metrics | None:
     return Metrics.scrape(disagg.url("decode")) if disagg.has("decode") else None
 
 
-@pytest.mark.needs(ev.AGGREGATED_REFERENCE)
+@pytest.mark.needs(ev.AGGREGATED_REFERENCE, ev.PREFILL_WORKER)
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_greedy_output_through_disagg_equals_aggregated(disagg, name, record_property):
     frontend, reference_engine = disagg.endpoint(), disagg.engine_endpoint("aggregated")
@@ -141,7 +141,7 @@ def engine_request_ids(resp: requests.Response) -> dict[str, str | None]:
 
 
 @pytest.mark.spec("R6")
-@pytest.mark.needs(ev.ENGINE_REQUEST_IDS)
+@pytest.mark.needs(ev.ENGINE_REQUEST_IDS, ev.PREFILL_WORKER)
 def test_prefill_and_decode_run_under_the_clients_request_id(disagg):
     rid = fresh_prompt(1).split()[1].rstrip(":")
     resp = disagg.endpoint().complete(fresh_prompt(40), headers={"X-Request-Id": rid})

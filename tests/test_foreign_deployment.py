@@ -249,3 +249,29 @@ def test_a_frontend_that_lists_no_models_is_still_checked_when_the_model_is_name
         assert choose_model(frontend.url, "acme/Tiny-Llama") == "acme/Tiny-Llama"
         with pytest.raises(EndpointError, match=r"/v1/models did not list models: .*404.*; give --model NAME"):
             choose_model(frontend.url, None)
+
+
+def test_a_deployment_seen_to_have_no_prefill_worker_lacks_disaggregation_and_says_what_it_shows():
+    """The disaggregation checks skip for an aggregated-only deployment (real SGLang on CPU served
+    that way failed them falsely: "served aggregated, nothing disaggregated was compared")."""
+    from harness import evidence as ev
+    from harness.deployment import Deployment
+
+    aggregated_only = Deployment(kind="foreign", frontend_url="http://127.0.0.1:1", engines={"aggregated": object()})
+    assert aggregated_only.lacks(ev.PREFILL_WORKER) == ev.PREFILL_WORKER.lacking("it shows ['aggregated']")
+    disaggregated = Deployment(kind="foreign", frontend_url="http://127.0.0.1:1",
+                               engines={"prefill": object(), "decode:2": object()})
+    assert disaggregated.lacks(ev.PREFILL_WORKER) is None
+    # Nothing seen of the workers: the check runs, and a router that serves aggregated fails it.
+    assert Deployment(kind="foreign", frontend_url="http://127.0.0.1:1").lacks(ev.PREFILL_WORKER) is None
+
+
+def test_the_cards_in_discovery_tell_whether_a_deployment_has_prefill_workers(tmp_path, card):
+    from harness import evidence as ev
+    from harness.deployment import CardUnderTest, Deployment
+
+    prefill = build_card(make_text_model(tmp_path / "prefill-model"), "acme/Tiny-Llama", worker_type="prefill",
+                         block_size=64)
+    assert Deployment(kind="foreign", cards=[CardUnderTest("d", card), CardUnderTest("p", prefill)]).lacks(
+        ev.PREFILL_WORKER) is None
+    assert "it shows ['decode']" in Deployment(kind="foreign", cards=[CardUnderTest("d", card)]).lacks(ev.PREFILL_WORKER)

@@ -55,6 +55,10 @@ QUANTITIES: dict[str, list[tuple[str, Source]]] = {
 }
 for _source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
     QUANTITIES[f"prompt_tokens_{_source}"] = [("vllm", Source("vllm:prompt_tokens_by_source", (("source", _source),)))]
+# SGLang 0.5.23 (measured on CPU, tests/interop/test_sglang_cpu.py): prompt tokens its own radix
+# cache served, by where the cache lies; "device" is the engine's KV pool, what vLLM's
+# local_cache_hit counts. It has no count of computed or transferred prompt tokens.
+QUANTITIES["prompt_tokens_local_cache_hit"].append(("sglang", Source("sglang:cached_tokens", (("cache_source", "device"),))))
 KV_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 
 # How an engine is recognised from its metric names.

@@ -60,6 +60,9 @@ class EngineProfile:
     # None leaves NIXL's own, a busy poll that keeps a core per engine at 100%. Set where cores
     # are few (the CPU profiles); a GPU host has cores to spare and keeps vLLM's behaviour.
     nixl_progress_delay_us: int | None = None
+    # The roles it can start; the embedded deployment needs all three (a prefill, a decode and
+    # the aggregated reference).
+    roles: tuple[str, ...] = ROLES
     image: str | None = None
     cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
     gpus: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -151,6 +154,14 @@ class EngineProfile:
             cmd += ["--mem-fraction-static", str(self.gpu_memory_fraction)]
         gpus = self.gpus.get(role, ())
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
+        if not self.gpu:
+            # SGLang on CPU (sglang 0.5.23, measured here; .ci/install-sglang builds its venv):
+            # SGLANG_USE_CPU_ENGINE=1 is its CPU switch; torch_native attention, as the CPU
+            # attention kernels are not installed; no overlap scheduling; a fixed KV pool (it is
+            # sized from free RAM otherwise); the cache report for usage's cached_tokens; metrics.
+            cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
+                    "--max-total-tokens", str(4 * self.max_model_len), "--enable-cache-report", "--enable-metrics"]
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
         return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port, None, gpus, self.image)
 
 
@@ -176,6 +187,12 @@ PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
         cores={"prefill": (0,), "decode": (1,), "aggregated": (0, 1)},
         notes="KV moves through a shared directory; the connector ignores kv_transfer_params, so this "
               "profile cannot prove the protocol"),
+    EngineProfile(
+        name="cpu-sglang", engine="sglang", gpu=False, protocol="sglang", connector=None, proves_protocol=False,
+        block_size=32, startup_timeout_s=300, request_timeout_s=60, roles=("aggregated",),
+        notes="sglang 0.5.23 on CPU (.ci/install-sglang: the index's CUDA torch 2.14.1, the project's plain-torch "
+              "sgl_kernel op), one aggregated server, torch_native attention; proves SGLang's OpenAI API, "
+              "cached_tokens and metric names, not its disaggregation (no P/D on CPU yet)"),
     EngineProfile(
         name="gpu-vllm", engine="vllm", gpu=True, protocol="vllm", connector="NixlConnector", proves_protocol=True,
         block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,

