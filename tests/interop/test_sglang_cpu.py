@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -99,3 +100,60 @@ def test_sglangs_own_metrics_count_a_request_through_the_frontend_under_the_name
     assert cached >= PROFILE.block_size and cached % PROFILE.block_size == 0, usages  # whole pages, from the first
     assert after.delta(before, "prompt_tokens_local_cache_hit") == cached
     assert after.get("requests_running") == 0
+
+
+# Each SGLang profile's command line as SGLang's own parser reads it (ServerArgs.add_cli_args, in
+# the SGLang venv): a flag renamed upstream fails here, not first on a user's GPU host.
+READ_BY_SGLANG = """
+import argparse, json, sys
+from sglang.srt.server_args import ServerArgs
+parser = argparse.ArgumentParser(exit_on_error=False)
+ServerArgs.add_cli_args(parser)
+out = {}
+for key, argv in json.loads(sys.argv[1]).items():
+    try:
+        ns = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        out[key] = {"refused": str(exc)}
+        continue
+    out[key] = {k: getattr(ns, k, None) for k in json.loads(sys.argv[2])}
+print(json.dumps(out))
+"""
+FIELDS = ["port", "served_model_name", "page_size", "device", "attention_backend", "disaggregation_mode",
+          "disaggregation_transfer_backend", "disaggregation_bootstrap_port", "mem_fraction_static",
+          "max_total_tokens", "enable_cache_report", "enable_metrics"]
+
+
+def read_by_sglang(argvs: dict[str, list[str]]) -> dict[str, dict]:
+    done = subprocess.run([SGLANG_PYTHON, "-c", READ_BY_SGLANG, json.dumps(argvs), json.dumps(FIELDS)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sglang_argv(profile, role: str, tmp_path: Path) -> list[str]:
+    command = profile.launch_spec(role, tmp_path, "served", 8000, 8001, tmp_path, python="python").command
+    return command[command.index("sglang.launch_server") + 1:]
+
+
+def test_every_sglang_profiles_command_line_is_read_by_sglangs_parser_as_meant(tmp_path):
+    profiles = {name: p for name, p in PROFILES.items() if p.engine == "sglang"}
+    argvs = {f"{name}/{role}": sglang_argv(p, role, tmp_path) for name, p in profiles.items() for role in p.roles}
+    argvs["planted/renamed-flag"] = [a.replace("--disaggregation-mode", "--disagg-mode")
+                                     for a in argvs["gpu-sglang/prefill"]]
+    read = read_by_sglang(argvs)
+    assert "refused" in read.pop("planted/renamed-flag"), "a renamed flag went through SGLang's parser unseen"
+    for key, args in read.items():
+        name, role = key.split("/")
+        profile = profiles[name]
+        assert "refused" not in args, (key, args)
+        assert (args["port"], args["served_model_name"], args["page_size"]) == (8000, "served", profile.block_size), key
+        assert args["disaggregation_mode"] == (role if role in ("prefill", "decode") else "null"), key
+        if role in ("prefill", "decode"):
+            assert args["disaggregation_transfer_backend"] == "nixl", key
+        if role == "prefill":
+            assert args["disaggregation_bootstrap_port"] == 8001, key
+        assert args["mem_fraction_static"] == profile.gpu_memory_fraction, key
+        if not profile.gpu:
+            assert (args["device"], args["attention_backend"], args["enable_cache_report"], args["enable_metrics"]) == \
+                ("cpu", "torch_native", True, True), key
