@@ -61,9 +61,10 @@ class Cluster:
     def register(self, engine: Any, role: str | None = None) -> WorkerRegistration:
         """Act as `engine`'s worker side: publish its card and keep its lease while it is healthy.
         `role` overrides the engine's own, for an engine that can play several (NIXL kv_both)."""
+        spec = getattr(engine, "spec", None)
         registration = WorkerRegistration(self.store, self.metadata, engine_url=engine.url, model_dir=self.model_dir,
                                           name=self.served_name, role=role or engine.role, block_size=self.block_size,
-                                          lease_s=self.lease_s)
+                                          lease_s=self.lease_s, bootstrap_port=getattr(spec, "bootstrap_port", None))
         registration.start()
         self.registrations[engine.name] = registration
         return registration

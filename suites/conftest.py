@@ -29,7 +29,7 @@ from harness.card_sources import load_card_file, open_records
 from harness.deployment import (FOREIGN, INTERPOSED_ROLES, SERVED_NAME, Deployment, cards_from_records, gpu_count,
                                 module_available, start_embedded)
 from harness.engines.external import parse_engine_urls, role_url
-from harness.engines.profiles import PROFILES, ROLES
+from harness.engines.profiles import PROFILES
 from harness.errors import HarnessError
 from harness.interposer import InterposedEngine
 from harness.openai_client import choose_model
@@ -174,10 +174,9 @@ def disagg(request):
     if profile.gpu and gpu_count() < profile.gpus_needed:
         pytest.skip(f"profile {profile.name} needs a GPU host with {profile.gpus_needed} GPU(s); nvidia-smi found "
                     f"{gpu_count()} here")
-    if set(profile.roles) != set(ROLES):
-        pytest.skip(f"profile {profile.name} starts only {', '.join(profile.roles)} engines and the embedded "
-                    f"deployment needs {', '.join(ROLES)}; {profile.name} is checked as a foreign deployment by "
-                    f"tests/interop/test_sglang_cpu.py (tox -e interop)")
+    if not profile.embedded:
+        pytest.skip(f"profile {profile.name} is not one the embedded deployment runs on; it is checked as a foreign "
+                    f"deployment by {profile.checked_by}")
     module = "vllm" if profile.engine == "vllm" else "sglang"
     if not module_available(python, module):
         pytest.skip(f"profile {profile.name}: {module} is not installed for {python} "

@@ -37,7 +37,8 @@ POLL_TIMEOUTS_OF_A_NIXL_AGENT = textwrap.dedent("""
             if fields[0] == "7" and int(fields[3], 16) < 2**31:
                 seen.add(int(fields[3], 16))
         time.sleep(0.01)
-    print(json.dumps(sorted(seen)))
+    print(json.dumps(sorted(seen)), flush=True)
+    os._exit(0)  # not NIXL's teardown at interpreter exit: with its progress thread live it may crash (seen: SIGSEGV)
 """)
 
 needs_nixl = pytest.mark.skipif(

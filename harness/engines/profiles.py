@@ -29,6 +29,7 @@ class LaunchSpec:
     cores: frozenset[int] | None = None
     gpus: tuple[int, ...] = ()
     image: str | None = None  # for the docker launcher
+    bootstrap_port: int | None = None  # an SGLang prefill's, which its worker registration publishes
 
     @property
     def url(self) -> str:
@@ -60,9 +61,13 @@ class EngineProfile:
     # None leaves NIXL's own, a busy poll that keeps a core per engine at 100%. Set where cores
     # are few (the CPU profiles); a GPU host has cores to spare and keeps vLLM's behaviour.
     nixl_progress_delay_us: int | None = None
-    # The roles it can start; the embedded deployment needs all three (a prefill, a decode and
-    # the aggregated reference).
-    roles: tuple[str, ...] = ROLES
+    roles: tuple[str, ...] = ROLES  # the roles it can start
+    # Whether the suites' embedded deployment runs on it (relays, kills, planted routers); a
+    # profile checked only as a foreign deployment says where instead.
+    embedded: bool = True
+    checked_by: str | None = None
+    # SGLang's KV transfer backend between prefill and decode.
+    sglang_transfer_backend: str = "nixl"
     image: str | None = None
     cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
     gpus: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -146,10 +151,12 @@ class EngineProfile:
     def _sglang(self, role, model_dir, served_name, port, side_port, python) -> LaunchSpec:
         cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--served-model-name",
                served_name, "--host", "127.0.0.1", "--port", str(port), "--page-size", str(self.block_size)]
+        bootstrap_port = None
         if role in ("prefill", "decode"):
-            cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "nixl"]
+            cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", self.sglang_transfer_backend]
             if role == "prefill":
                 cmd += ["--disaggregation-bootstrap-port", str(side_port)]
+                bootstrap_port = side_port
         if self.gpu_memory_fraction:
             cmd += ["--mem-fraction-static", str(self.gpu_memory_fraction)]
         gpus = self.gpus.get(role, ())
@@ -160,9 +167,15 @@ class EngineProfile:
             # attention kernels are not installed; no overlap scheduling; a fixed KV pool (it is
             # sized from free RAM otherwise); the cache report for usage's cached_tokens; metrics.
             cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
-                    "--max-total-tokens", str(4 * self.max_model_len), "--enable-cache-report", "--enable-metrics"]
+                    "--max-total-tokens", str(4 * self.max_model_len), "--enable-cache-report", "--enable-metrics",
+                    "--sleep-on-idle"]  # measured idle: its scheduler at 37% of a core without, 20% with
             env["SGLANG_USE_CPU_ENGINE"] = "1"
-        return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port, None, gpus, self.image)
+            if role == "decode":  # its default KV backup for retraction is a pinned host pool: cudaHostRegister
+                cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+            if role == "prefill":  # else its transfer path waits on a torch.cuda.Event
+                env["SGLANG_DISAGGREGATION_ALL_CP_RANKS_TRANSFER"] = "1"
+        return LaunchSpec(f"{self.name}-{role}", role, cmd, env, port, None, gpus, self.image,
+                          bootstrap_port=bootstrap_port)
 
 
 ENGINE_SITE = Path(__file__).with_name("engine_site")
@@ -189,10 +202,10 @@ PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
               "profile cannot prove the protocol"),
     EngineProfile(
         name="cpu-sglang", engine="sglang", gpu=False, protocol="sglang", connector=None, proves_protocol=False,
-        block_size=32, startup_timeout_s=300, request_timeout_s=60, roles=("aggregated",),
+        block_size=32, startup_timeout_s=300, request_timeout_s=60, embedded=False,
+        checked_by="tests/interop/test_sglang_cpu.py (tox -e interop)", sglang_transfer_backend="mooncake_tcp",
         notes="sglang 0.5.23 on CPU (.ci/install-sglang: the index's CUDA torch 2.14.1, the project's plain-torch "
-              "sgl_kernel op), one aggregated server, torch_native attention; proves SGLang's OpenAI API, "
-              "cached_tokens and metric names, not its disaggregation (no P/D on CPU yet)"),
+              "sgl_kernel op), torch_native attention; bootstrap disaggregation over mooncake_tcp"),
     EngineProfile(
         name="gpu-vllm", engine="vllm", gpu=True, protocol="vllm", connector="NixlConnector", proves_protocol=True,
         block_size=16, startup_timeout_s=600, request_timeout_s=60, dtype="bfloat16", max_model_len=2048,

@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 class WorkerRegistration:
     def __init__(self, store: Store, metadata: MetadataServer, *, engine_url: str, model_dir: str | Path,
                  name: str, role: str | None, block_size: int, endpoint: str = DEFAULT_ENDPOINT,
-                 lease_s: float = DEFAULT_LEASE_S, context_length: int | None = None):
+                 lease_s: float = DEFAULT_LEASE_S, context_length: int | None = None,
+                 bootstrap_port: int | None = None):
         self.store, self.metadata, self.engine_url = store, metadata, engine_url.rstrip("/")
         self.model_dir, self.name, self.role, self.block_size = Path(model_dir), name, role, block_size
         self.endpoint, self.lease_s, self.context_length = endpoint, lease_s, context_length
+        self.bootstrap_port = bootstrap_port  # an SGLang prefill's: where a decode pulls its KV from (SPEC §4.2)
         self.entry: ModelEntry | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -54,7 +56,8 @@ class WorkerRegistration:
                                      endpoint=self.endpoint, context_length=self.context_length)
         self.entry = ModelEntry(name=self.name, endpoint=self.endpoint, model_type=MODEL_TYPE_FOR_ROLE[self.role],
                                 card=card.to_json(), instance_id=os.urandom(8).hex(), url=self.engine_url,
-                                role=self.role)
+                                role=self.role,
+                                extra={"bootstrap_port": self.bootstrap_port} if self.bootstrap_port else {})
         self.store.put(self.entry, self.lease_s)
         self._stop.clear()
         self._thread = threading.Thread(target=self._keepalive, name=f"lease:{self.entry.key}", daemon=True)

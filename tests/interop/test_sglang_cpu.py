@@ -32,21 +32,35 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def sglang(tmp_path_factory):
-    """A real SGLang server on CPU, registered as an aggregated worker of the reference frontend."""
+def servers(tmp_path_factory):
+    """Real SGLang servers on CPU, started at once: a prefill and a decode (bootstrap over
+    mooncake_tcp) and an aggregated one. About 3 GB each."""
     root = tmp_path_factory.mktemp("sglang")
-    spec = PROFILE.launch_spec("aggregated", cached_tiny_llama(), MODEL, free_port(), free_port(), root,
-                               python=SGLANG_PYTHON)
-    engine = EngineProcess(spec, root / "logs").start()
+    engines = {role: EngineProcess(PROFILE.launch_spec(role, cached_tiny_llama(), MODEL, free_port(), free_port(), root,
+                                                        python=SGLANG_PYTHON), root / "logs").start()
+               for role in ("prefill", "decode", "aggregated")}
     try:
-        engine.wait_healthy(PROFILE.startup_timeout_s, print)
-        with Cluster(root / "cluster", cached_tiny_llama(), MODEL, block_size=PROFILE.block_size,
-                     protocol=PROFILE.protocol, timeout_s=PROFILE.request_timeout_s) as cluster:
-            cluster.register(engine)
-            cluster.wait_for_roles({"aggregated"})
-            yield cluster, engine
+        for engine in engines.values():
+            engine.wait_healthy(PROFILE.startup_timeout_s, print)
+        yield root, engines
     finally:
-        engine.stop(grace_s=10)
+        for engine in engines.values():
+            engine.stop(grace_s=10)
+
+
+def frontend_for(root: Path, name: str) -> Cluster:
+    return Cluster(root / name, cached_tiny_llama(), MODEL, block_size=PROFILE.block_size, protocol=PROFILE.protocol,
+                   timeout_s=PROFILE.request_timeout_s)
+
+
+@pytest.fixture(scope="module")
+def sglang(servers):
+    """The aggregated server alone behind the reference frontend."""
+    root, engines = servers
+    with frontend_for(root, "aggregated-cluster") as cluster:
+        cluster.register(engines["aggregated"])
+        cluster.wait_for_roles({"aggregated"})
+        yield cluster, engines["aggregated"]
 
 
 def test_sglang_on_cpu_gets_a_truthful_verdict_through_the_reference_frontend(sglang, tmp_path):
@@ -150,10 +164,68 @@ def test_every_sglang_profiles_command_line_is_read_by_sglangs_parser_as_meant(t
         assert (args["port"], args["served_model_name"], args["page_size"]) == (8000, "served", profile.block_size), key
         assert args["disaggregation_mode"] == (role if role in ("prefill", "decode") else "null"), key
         if role in ("prefill", "decode"):
-            assert args["disaggregation_transfer_backend"] == "nixl", key
+            assert args["disaggregation_transfer_backend"] == profile.sglang_transfer_backend, key
         if role == "prefill":
             assert args["disaggregation_bootstrap_port"] == 8001, key
         assert args["mem_fraction_static"] == profile.gpu_memory_fraction, key
         if not profile.gpu:
             assert (args["device"], args["attention_backend"], args["enable_cache_report"], args["enable_metrics"]) == \
                 ("cpu", "torch_native", True, True), key
+
+
+@pytest.fixture(scope="module")
+def sglang_pd(servers):
+    """SGLang's bootstrap disaggregation: the prefill and decode behind the reference frontend
+    (protocol sglang); the aggregated server is the reference."""
+    root, engines = servers
+    with frontend_for(root, "pd-cluster") as cluster:
+        cluster.register(engines["prefill"])
+        cluster.register(engines["decode"])
+        cluster.wait_for_roles({"prefill", "decode"})
+        yield cluster, engines
+
+
+def complete(url: str, prompt: str, max_tokens: int = 8) -> httpx.Response:
+    resp = httpx.post(f"{url}/v1/completions", timeout=120,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def test_sglang_bootstrap_disaggregation_on_cpu_moves_the_kv_and_matches_aggregated(sglang_pd):
+    """Output through prefill+decode equals the aggregated server's, and each request's KV left the
+    prefill: SGLang's own count of KV transfers (`sglang:kv_transfer_total_mb`, a histogram on the
+    prefill, one observation per transfer) moves by one per request."""
+    cluster, engines = sglang_pd
+    prompts = [f"Prompt {n}: the harbor, the river and the lantern; the meadow, the falcon and the glacier; "
+               f"{'one two three four five six seven eight nine ten ' * (n + 1)}" for n in range(3)]
+    before = Metrics.scrape(engines["prefill"].url)
+    for prompt in prompts:
+        resp = complete(cluster.url, prompt)
+        assert resp.headers.get("x-disagg-mode") == "disaggregated", dict(resp.headers)
+        reference = complete(engines["aggregated"].url, prompt)
+        assert resp.json()["choices"][0]["text"] == reference.json()["choices"][0]["text"], prompt
+    after = Metrics.scrape(engines["prefill"].url)
+    assert transfers(after) - transfers(before) == len(prompts), (transfers(before), transfers(after))
+
+
+def transfers(scrape: Metrics) -> float:
+    """How many KV transfers the prefill has observed (its kv_transfer_total_mb histogram's count)."""
+    return sum(v for name, _, v in scrape.families.get("sglang:kv_transfer_total_mb", [])
+               if name == "sglang:kv_transfer_total_mb_count")
+
+
+def test_through_sglang_disaggregation_cached_tokens_are_the_prefills_prefix_hits(sglang_pd):
+    """SPEC §4: the client's cached_tokens are the prefill's (the decode's radix cache is off in
+    SGLang's disaggregated decode)."""
+    cluster, engines = sglang_pd
+    prompt = "Cached twice: " + "the lantern, the harbor and the meadow; " * 8
+    for _ in range(2):  # SGLang exports its cached-token counter from its first hit on
+        complete(cluster.url, f"Warm-up: {prompt}")
+    complete(cluster.url, prompt)
+    before = Metrics.scrape(engines["prefill"].url)
+    usage = complete(cluster.url, prompt).json()["usage"]
+    after = Metrics.scrape(engines["prefill"].url)
+    hits = after.delta(before, "prompt_tokens_local_cache_hit")
+    assert hits and hits >= PROFILE.block_size, f"the prefill served no prefix from cache: {hits}"
+    assert usage["prompt_tokens_details"]["cached_tokens"] == hits, usage
