@@ -6,6 +6,7 @@ The same behaviours are checked against real vLLM in suites/test_disagg_*.py.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -220,6 +221,8 @@ def test_kv_aware_selection_sends_a_repeated_prefix_to_the_same_worker(make_clus
 def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_room(make_cluster, fake_engines):
     cluster = make_cluster(protocol="sglang")
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
+    # A launched SGLang prefill's spec names its bootstrap port; its registration publishes it.
+    prefill.spec = SimpleNamespace(bootstrap_port=18998)
     serve(cluster, prefill, decode)
     assert complete(cluster).status_code == 200
     deadline = time.monotonic() + 10
@@ -228,6 +231,7 @@ def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_roo
     (p,), (d,) = prefill.state.bodies, decode.state.bodies
     assert p["bootstrap_room"] == d["bootstrap_room"] and 0 <= p["bootstrap_room"] < 2**63
     assert p["bootstrap_host"] == d["bootstrap_host"] == "127.0.0.1"
+    assert p["bootstrap_port"] == d["bootstrap_port"] == 18998, "the decode was not told where to pull the KV from"
     assert "kv_transfer_params" not in d
 
 
