@@ -31,7 +31,7 @@ from harness.engines.metrics import Metrics, kv_sources
 from harness.kv_geometry import blocks_for
 from harness.openai_client import OpenAIEndpoint, routing_mode, token_ids_of
 from suites.disagg_checks import fresh_prompt
-from suites.interposed_checks import kv_handed_over, kv_lease_s, marks
+from suites.interposed_checks import eos_ignored, kv_handed_over, kv_lease_s, marks
 
 CONCURRENCY = 16
 REQUESTS = 64
@@ -66,12 +66,6 @@ def prompt_for(n: int) -> str:
     if shape == 3:
         return SHARED_PREFIX + f"Variant {n} {os.urandom(4).hex()}."
     return fresh_prompt((3, 20, 60)[shape])
-
-
-def eos_ignored(endpoint: OpenAIEndpoint) -> dict:
-    """`ignore_eos` where the frontend takes it (ask before any counting starts): a random-weight
-    model may stop at once, and a prompt whose greedy first token is EOS ends on the prefill."""
-    return {"ignore_eos": True} if endpoint.accepts("ignore_eos", True) else {}
 
 
 def ask(deployment: Deployment, n: int, timeout_s: float = 120.0, extra: dict | None = None) -> Answer:
