@@ -174,7 +174,7 @@ def disagg(request):
     if profile.gpu and gpu_count() < profile.gpus_needed:
         pytest.skip(f"profile {profile.name} needs a GPU host with {profile.gpus_needed} GPU(s); nvidia-smi found "
                     f"{gpu_count()} here")
-    if not profile.embedded:
+    if profile.checked_by:
         pytest.skip(f"profile {profile.name} is not one the embedded deployment runs on; it is checked as a foreign "
                     f"deployment by {profile.checked_by}")
     module = "vllm" if profile.engine == "vllm" else "sglang"

