@@ -1,4 +1,5 @@
-"""A streamed completion's token chunks pass through the frontend unparsed (CompletionShape.passthrough):
+"""A streamed completion's token chunks pass through the frontend unparsed (CompletionShape.passthrough,
+and passthrough_events for a whole read of them):
 what the client gets is what the parsed path would have made of the same chunk, or the parsed path runs."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import orjson
 import pytest
 
 from harness.frontend.server import ChatShape, CompletionShape
+from harness.frontend.stream import Annotated
 
 
 def vllm_chunk(text: str, engine_id: str = "cmpl-abc-0-1f", model: str = "tiny-llama", finish=None,
@@ -60,3 +62,40 @@ def test_chat_chunks_are_always_reshaped():
     shape = ChatShape("tiny-llama", "r", False)
     shape.learn(orjson.loads(vllm_chunk(" a")))
     assert shape.passthrough(vllm_chunk(" b")) is None
+
+
+def events(*chunks: bytes) -> bytes:
+    return b"".join(b"data: " + c + b"\n\n" for c in chunks)
+
+
+def parsed_path(shape_args: dict, first: bytes, run: bytes) -> bytes:
+    slow = CompletionShape(**shape_args)
+    slow.learn(orjson.loads(first))
+    return b"".join(slow.encoded(orjson.loads(line[6:])) for line in run.split(b"\n") if line.startswith(b"data: "))
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("served", ["tiny-llama", "another-name"])
+def test_a_run_of_token_events_passes_through_as_the_parsed_path_would_shape_each(include_usage, served):
+    args = {"model": served, "request_id": "req-1", "include_usage": include_usage}
+    shape = CompletionShape(**args)
+    shape.learn(orjson.loads(vllm_chunk(" first")))
+    run = events(vllm_chunk(" a"), vllm_chunk("é \\\" }\\n\\n"), vllm_chunk("", finish="length"))
+    out = shape.passthrough_events(run)
+    assert out is not None, "a run of vLLM token events takes the one-edit path"
+    assert out == parsed_path(args, vllm_chunk(" first"), run)
+
+
+@pytest.mark.parametrize("run", [
+    events(vllm_chunk(" a"), vllm_chunk(" b", engine_id="cmpl-other")),  # another stream's event
+    b": keep-alive\n\n" + events(vllm_chunk(" a")),  # a comment line
+    b"\n" + events(vllm_chunk(" a")),  # the blank line of an event cut at a read boundary
+    events(vllm_chunk(" a"), json.dumps(orjson.loads(vllm_chunk(" b"))).encode()),  # another layout
+    events(vllm_chunk(" a", token_ids=[7])),  # ids the client did not ask for
+], ids=["other-id", "comment", "leading-blank", "spaced", "token-ids"])
+def test_a_run_the_one_edit_path_cannot_be_certain_of_still_reaches_the_client_as_the_parsed_path_makes_it(run):
+    args = {"model": "another-name", "request_id": "r", "include_usage": False}
+    shape = CompletionShape(**args)
+    shape.learn(orjson.loads(vllm_chunk(" first")))
+    assert shape.passthrough_events(run) is None
+    assert shape.encode(Annotated(raw=run)) == parsed_path(args, vllm_chunk(" first"), run)

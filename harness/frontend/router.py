@@ -67,6 +67,12 @@ class DecodeError(RoutingError):
     pass
 
 
+# A chunk with any of these is parsed by the relay, never passed through: an error, a usage (the
+# relay rewrites it), transfer parameters (kv_/ec_transfer_params: the client must not see them),
+# the end of the stream.
+PARSED_MARKS = (b'"error"', b'"usage"', b'_transfer_params"', b"[DONE]")
+
+
 # Engine errors the client sees as a failed worker: connection refused or reset, a read timeout.
 ENGINE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -405,30 +411,41 @@ class RoutedEngine:
         prefill_usage = ((route.prefill_response or {}).get("usage") or {})
         finished, pending = False, b""
         passthrough = route.raw_chunks and route.expect_prompt is None
+        fast = False  # passthrough, and the first chunk (parsed) has named the engine's request id
         watchdog = ReadWatchdog(resp, self.timeout_s)
+        now = watchdog.loop.time
         try:
             async for data in self.engine_chunks(resp):
-                watchdog.last = watchdog.loop.time()
-                *lines, pending = (pending + data).split(b"\n")
-                raw: list[bytes] = []  # token chunks of this read passed through unparsed, in order
+                watchdog.last = now()
+                buf = pending + data if pending else data
+                if fast:  # this runs on every read of every stream: PARSED_MARKS spelled out
+                    end = buf.rfind(b"\n\n") + 2
+                    events = buf[:end]
+                    if end > 1 and not (b'"error"' in events or b'"usage"' in events or b'_transfer_params"' in events
+                                        or b"[DONE]" in events):
+                        pending = buf[end:]
+                        yield Annotated(raw=events, flush=True)  # every whole event of this read: token chunks
+                        continue
+                *lines, pending = buf.split(b"\n")
+                raw: list[bytes] = []  # token events of this read passed through unparsed, in order
                 for line in lines:
                     if not line.startswith(b"data: "):
                         continue
                     payload = line[6:].strip()
                     if payload == b"[DONE]":
                         if raw:
-                            yield Annotated(raw=raw)
+                            yield Annotated(raw=b"".join(raw))
                         finished = True
                         return
-                    if (passthrough and b'"error"' not in payload and b'"usage"' not in payload
-                            and b'_transfer_params"' not in payload and "decode" in route.engine_request_ids):
-                        raw.append(payload)  # a token chunk: nothing here reads it
+                    if fast and not any(mark in payload for mark in PARSED_MARKS):
+                        raw.append(b"data: " + payload + b"\n\n")  # a token chunk: nothing here reads it
                         continue
                     if raw:
-                        yield Annotated(raw=raw)
+                        yield Annotated(raw=b"".join(raw))
                         raw = []
                     chunk = orjson.loads(payload)
                     route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
+                    fast = passthrough
                     if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                         self.metrics.error(self.model, "stream_failed")
                         yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
@@ -442,9 +459,8 @@ class RoutedEngine:
                     if chunk.get("usage") and route.prefill_response is not None:
                         chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
                     yield Annotated(data=chunk, id=route.request_id)
-                if raw:
-                    yield Annotated(raw=raw)
-                yield FLUSH  # what arrived together leaves together: one write for the client, not one per token
+                # What arrived together leaves together: one write for the client, not one per token.
+                yield Annotated(raw=b"".join(raw), flush=True) if raw else FLUSH
             self.metrics.error(self.model, "stream_failed")
             yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} " + (
                 f"sent nothing for {self.timeout_s:g} s" if watchdog.fired else "closed the stream before [DONE]"))

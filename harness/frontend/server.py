@@ -27,7 +27,7 @@ from harness.frontend.metrics import CONTENT_TYPE
 from harness.frontend.models import ModelManager, ServedModel
 from harness.frontend.preprocessor import Prompt
 from harness.frontend.router import RoutedEngine, RoutingError
-from harness.frontend.stream import DONE, FLUSH, Annotated, dumps, sse
+from harness.frontend.stream import DONE, Annotated, dumps, event_payloads, sse
 from harness.http_server import BackgroundAiohttpServer
 
 COMPLETION_OWN_KEYS = {"model", "prompt", "stream", "stream_options", "n", "echo", "suffix"}
@@ -139,7 +139,7 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
                     bool(body.get("return_token_ids")))
         try:
             if body.get("stream"):
-                return await stream(request, route.headers(), fmt.sse(items))
+                return await stream(request, route.headers(), items, fmt)
             folded = Folded()
             async for item in items:
                 folded.add(item)
@@ -176,21 +176,33 @@ CLIENT = web.AppKey("engine_client", aiohttp.ClientSession)
 ENGINE_KEEPALIVE_S = 2.0
 
 
-async def stream(request: web.Request, headers: dict[str, str], parts: AsyncIterator[bytes]) -> web.StreamResponse:
-    """SSE to the client. Parts are gathered until an empty one (the relay is about to wait for the
-    engine) and written together, so tokens that arrived together cost one write, not one each."""
+async def stream(request: web.Request, headers: dict[str, str], items: AsyncIterator[Annotated],
+                 shape: "CompletionShape") -> web.StreamResponse:
+    """SSE to the client, each item in the client's shape. Parts are gathered until an item with
+    the flush mark (the relay is about to wait for the engine) and written together, so tokens that
+    arrived together cost one write, not one each. The stream ends with [DONE], or on an error
+    without it. One coroutine from the relay to the socket: every streamed token passes here."""
     resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    gathered: list[bytes] = []
+    gathered: list[bytes] = [head] if (head := shape.head()) else []
     try:
-        async for part in parts:
-            if part:
+        async for item in items:
+            if item.flush and item.raw is not None and not gathered:  # most reads: their token chunks
+                if part := shape.encode(item):
+                    await resp.write(part)
+                continue
+            if item.is_error:
+                gathered.append(sse(item))
+                break
+            if part := shape.encode(item):
                 gathered.append(part)
-            elif gathered:
-                await resp.write(b"".join(gathered))
+            if item.flush and gathered:
+                await resp.write(b"".join(gathered) if len(gathered) > 1 else gathered[0])
                 gathered.clear()
+        else:
+            gathered.append(DONE)
     finally:
-        await parts.aclose()
+        await items.aclose()
     if gathered:
         await resp.write(b"".join(gathered))
     await resp.write_eof()
@@ -236,6 +248,8 @@ class CompletionShape:
         self._own_id, self._own_model = b'{"id":' + orjson.dumps(self.id), b'"model":' + orjson.dumps(model)
         self._engine_id: bytes | None = None  # b'{"id":"<the engine\'s id>"', once its first chunk is seen
         self._engine_model: bytes | None = None  # b'"model":"<its name>"' where it differs from ours
+        self._engine_start: bytes | None = None  # b'data: ' + _engine_id: how each of its token events opens
+        self._own_start = b"data: " + self._own_id
 
     def chunk(self, data: dict) -> dict | None:
         """The client's chunk, made from the engine's in place (it is this request's own, parsed
@@ -277,28 +291,53 @@ class CompletionShape:
             out = out[:-1] + b',"usage":null}'
         return b"data: " + out + b"\n\n"
 
+    def passthrough_events(self, events: bytes) -> bytes | None:
+        """`passthrough` on a run of whole token events at once, with one edit each over the run
+        instead of several per event. None where the run is not exactly n events of the form
+        `data: {"id":<the engine's id>...}` and a blank line, or an edit does not land once per event:
+        then each event takes `passthrough`. A JSON string cannot hold a bare quote or newline, so
+        the patterns below match only the keys and framing they name."""
+        start = self._engine_start
+        if start is None or not events.startswith(start):
+            return None
+        n = events.count(b"\n\n")
+        if events.count(start) != n or events.count(b"\n") != 2 * n or events.count(b"}\n\n") != n:
+            return None
+        if start != self._own_start:
+            events = events.replace(start, self._own_start)
+        if self._engine_model is not None:
+            if events.count(self._engine_model) != n:
+                return None
+            events = events.replace(self._engine_model, self._own_model)
+        if not self.token_ids:
+            events = events.replace(b',"token_ids":null', b"")
+            if b'"token_ids"' in events:
+                return None
+        if b'"usage"' in events:
+            return None
+        return events if self.include_usage else events.replace(b"}\n\n", b',"usage":null}\n\n')
+
     def learn(self, engine_chunk: dict) -> None:
         """The engine's id and model, from its first chunk (parsed), for `passthrough`."""
         if self._engine_id is None and isinstance(engine_chunk.get("id"), str):
             self._engine_id = b'{"id":' + orjson.dumps(engine_chunk["id"])
+            self._engine_start = b"data: " + self._engine_id
             model = engine_chunk.get("model")
             self._engine_model = (b'"model":' + orjson.dumps(model)) if model != self.model else None
 
-    async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
-        async for item in items:
-            if item is FLUSH:
-                yield b""
-            elif item.is_error:
-                yield sse(item)
-                return  # the stream ends on an error, without [DONE]
-            elif item.raw is not None:  # (an empty part would be a flush: none is yielded)
-                if out := b"".join(self.passthrough(raw) or self.encoded(orjson.loads(raw)) for raw in item.raw):
-                    yield out
-            elif item.data is not None:
-                self.learn(item.data)
-                if out := self.encoded(item.data):
-                    yield out
-        yield DONE
+    def head(self) -> bytes:
+        """What the client's stream opens with, before the engine's first chunk: nothing here."""
+        return b""
+
+    def encode(self, item: Annotated) -> bytes:
+        """The client's SSE events for one relay item (not an error); b"" where it gets none."""
+        if item.raw is not None:
+            return self.passthrough_events(item.raw) or b"".join(
+                self.passthrough(payload) or self.encoded(orjson.loads(payload)) for payload in event_payloads(item.raw))
+        if item.data is not None:
+            self.learn(item.data)
+            return self.encoded(item.data)
+        return b""
 
     def encoded(self, data: dict) -> bytes:
         """The client's SSE event for the engine's chunk (parsed); b"" where the client gets none."""
@@ -319,6 +358,9 @@ class ChatShape(CompletionShape):
     def passthrough(self, raw: bytes) -> bytes | None:
         return None  # every chunk is reshaped
 
+    def passthrough_events(self, events: bytes) -> bytes | None:
+        return None
+
     def chunk(self, data: dict) -> dict | None:
         choices = []
         for c in data.get("choices") or []:
@@ -332,12 +374,11 @@ class ChatShape(CompletionShape):
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": data.get("usage") if self.include_usage else None}
 
-    async def sse(self, items: AsyncIterator[Annotated]) -> AsyncIterator[bytes]:
+    def head(self) -> bytes:
+        """A chat stream opens with the assistant's role, as OpenAI's does."""
         first = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        yield sse(Annotated(data=first))
-        async for part in super().sse(items):
-            yield part
+        return sse(Annotated(data=first))
 
     def response(self, f: Folded) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": f.text}, "finish_reason": f.finish_reason}

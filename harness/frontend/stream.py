@@ -29,16 +29,19 @@ class Annotated:
     event: str | None = None
     comment: list[str] = field(default_factory=list)
     error: str | None = None
-    # Token chunks as the engine sent them (JSON bytes each, unparsed, in order: what one read of
-    # the engine stream brought), where the relay passes them through for a consumer that asked
-    # for that (a streamed completion). One item for them all: one hop through the generators per
-    # read, not per token.
-    raw: list[bytes] | None = None
+    # Token chunks as the engine sent them: whole SSE events (`data: {...}` and a blank line each),
+    # unparsed, in order, where the relay passes them through for a consumer that asked for that
+    # (a streamed completion). One item for all that one read of the engine stream brought: one
+    # hop per read, not per token.
+    raw: bytes | None = None
+    # The relay has handed over all the engine sent so far and is about to wait: a writer sends
+    # what it has gathered now, in one write.
+    flush: bool = False
 
     def chunks(self) -> list[Any]:
-        """The data, or the raw chunks parsed; [] for an item without either."""
+        """The data, or the raw events parsed; [] for an item without either."""
         if self.raw is not None:
-            return [orjson.loads(r) for r in self.raw]
+            return [orjson.loads(payload) for payload in event_payloads(self.raw)]
         return [] if self.data is None else [self.data]
 
     @property
@@ -76,8 +79,12 @@ def sse(item: Annotated) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+def event_payloads(events: bytes) -> list[bytes]:
+    """The JSON of each `data:` line in a run of SSE events."""
+    return [line[6:].strip() for line in events.split(b"\n") if line.startswith(b"data: ")]
+
+
 DONE = b"data: [DONE]\n\n"
 
-# An item with no data that a relay yields when it has emitted everything the engine sent so far
-# and is about to wait: a writer sends what it has gathered in one write. Folding skips it.
-FLUSH = Annotated(event="flush")
+# An item with nothing but the flush mark, where a read's last item could not carry it. Folding skips it.
+FLUSH = Annotated(flush=True)
