@@ -55,14 +55,17 @@ def fill_template(template: str, port: int, engines: dict[str, str], host: str =
 
 
 def serves(url: str, timeout: float = 2.0) -> bool:
-    """A router serves once its /health, or else its /v1/models, answers 200."""
-    for path in ("/health", "/v1/models"):
-        try:
-            if requests.get(f"{url}{path}", timeout=timeout).status_code == 200:
-                return True
-        except requests.RequestException:
-            return False  # not listening yet
-    return False
+    """A router serves once its /health, or else its /v1/models, answers 200, and its /v1/models
+    does not answer 503. A router may be up before its workers are: sglang-router 0.3.2 answers
+    /health 200 at once and /v1/models 503 ("No models available") until it has registered its
+    workers in the background, about 1 s later (measured); a request meanwhile gets 503 "No
+    prefill workers available"."""
+    try:
+        health = requests.get(f"{url}/health", timeout=timeout).status_code
+        models = requests.get(f"{url}/v1/models", timeout=timeout).status_code
+    except requests.RequestException:
+        return False  # not listening yet
+    return (health == 200 or models == 200) and models != 503
 
 
 class RouterProcess(EngineProcess):

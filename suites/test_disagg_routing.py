@@ -17,8 +17,8 @@ from harness.cluster import Cluster
 from harness.engines.metrics import Metrics, kv_sources
 from harness.openai_client import comparable_by, output, routing_mode
 from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, fresh_prompt, need_kv_sources,
-                                  warm_directly)
-from suites.interposed_checks import eos_ignored
+                                  need_metrics, warm_directly)
+from suites.interposed_checks import disaggregated_decode, eos_ignored, marks, seen
 from suites.planted_frontends import start_planted
 
 pytestmark = [pytest.mark.spec("4.1"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
@@ -62,12 +62,17 @@ def test_greedy_output_through_disagg_equals_aggregated(disagg, name, record_pro
     by = comparable_by(frontend, reference_engine)
     reference = output(reference_engine.complete(PROMPTS[name]), by)
     before = scrape_decode(disagg)
+    relays = marks(disagg) if disagg.interposed else None
     resp = frontend.complete(PROMPTS[name])
     after = scrape_decode(disagg)
     record_property("compared_by", by)
     mode = routing_mode(resp)
+    if mode == "unknown" and relays is not None:  # no routing header: the relays saw what the router did
+        got = seen(disagg, relays)
+        mode = "disaggregated" if got["prefill"] and any(disaggregated_decode(e) for e in got["decode"]) else \
+            "aggregated" if got["decode"] else "unknown"
     assert mode != "aggregated", "the frontend served the request aggregated: nothing disaggregated was compared"
-    if mode == "unknown":  # no routing header: the decode engine's own counters must show the transfer
+    if mode == "unknown":  # no routing evidence: the decode engine's own counters must show the transfer
         if before is None or before.missing("prompt_tokens_external_kv_transfer"):
             pytest.skip(f"cannot tell whether the request was disaggregated: {ev.ROUTING_HEADERS.lacking()}, "
                         f"or {DECODE_METRICS.lacking()} with KV-source counters")
@@ -188,20 +193,40 @@ def test_without_a_prefill_worker_the_model_serves_aggregated_and_returns_to_dis
                                                           prompt_tokens(resp), recompute_allowed(disagg)))
 
 
+def warm_prefill(disagg, prompt: str) -> str:
+    """The prompt into the prefill's prefix cache: directly, so the decode does not hold it too. An
+    SGLang prefill takes only bootstrap requests (sglang 0.5.23: HTTP 400 "Disaggregated request
+    received without bootstrap room id"), so it is warmed through the deployment, twice (SGLang
+    exports its cache-hit counter from its first hit on); its decode keeps no prefix cache in
+    disaggregation, so what the decode reports cannot stand in for the prefill's hits."""
+    body = {"model": disagg.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+    try:
+        direct = requests.post(f"{disagg.url('prefill')}/v1/completions", json=body, timeout=180)
+    except requests.RequestException:
+        direct = None
+    if direct is not None and direct.status_code == 400 and "bootstrap room" in direct.text:
+        for _ in range(2):
+            resp = disagg.endpoint().complete(prompt, max_tokens=1)
+            assert resp.status_code == 200, f"warming through the deployment: HTTP {resp.status_code} {resp.text[:200]}"
+        return "through the deployment: the prefill takes only bootstrap requests"
+    if direct is None or direct.status_code != 200:
+        warm_directly(disagg.url("prefill"), "/v1/completions", body)  # skips or fails, naming why
+    return "directly"
+
+
 def check_cached_tokens_are_the_prefills(disagg) -> dict:
     """The client's cached_tokens are the prefill's own prefix hits for that request. The prefill is
     warmed directly first, so it holds the blocks and the decode does not: a frontend that passes on
     the decode's usage reports what the decode saw instead."""
     prompt = fresh_prompt(80)
-    warm_directly(disagg.url("prefill"), "/v1/completions",
-                  {"model": disagg.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0})
+    warmed = warm_prefill(disagg, prompt)
     before = Metrics.scrape(disagg.url("prefill"))
-    need_kv_sources(before)
+    need_metrics(before, "prompt_tokens_local_cache_hit")
     resp = disagg.endpoint().complete(prompt)
     hits = kv_sources(Metrics.scrape(disagg.url("prefill")), before)["local_cache_hit"]
     details = (resp.json().get("usage") or {}).get("prompt_tokens_details")
     numbers = {"client_cached_tokens": (details or {}).get("cached_tokens", "missing"), "prefill_prefix_hits": hits,
-               "prompt_tokens": prompt_tokens(resp), "routing": routing_mode(resp)}
+               "prompt_tokens": prompt_tokens(resp), "routing": routing_mode(resp), "prefill_warmed": warmed}
     assert numbers["routing"] != "aggregated", (
         f"the frontend served the request aggregated, so the prefill never saw it: {numbers}")
     assert hits > 0, f"the warmed prefill found nothing in its cache: {numbers}"

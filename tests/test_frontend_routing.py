@@ -235,6 +235,29 @@ def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_roo
     assert "kv_transfer_params" not in d
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_sglang_prefill_that_fails_ends_the_request_with_its_error_and_aborts_the_decode(make_cluster, fake_engines,
+                                                                                              stream):
+    """Real SGLang's decode waits for the KV of a prefill that failed, and the client with it
+    (sglang-router 0.3.2 in front of sglang 0.5.23: no answer in 30 s). The fake decode streams
+    anyway, so without the frontend's check the client would get a complete-looking answer."""
+    cluster = make_cluster(protocol="sglang")
+    prefill = fake_engines("prefill", fail_status=500)
+    prefill.spec = SimpleNamespace(bootstrap_port=18998)
+    decode = fake_engines("decode", token_delay_s=0.05)
+    serve(cluster, prefill, decode)
+    resp = complete(cluster, stream=stream, max_tokens=64)
+    if resp.status_code == 200:  # the decode had answered first: the stream ends on the prefill's error
+        assert stream and "event: error" in resp.text and "data: [DONE]" not in resp.text, resp.text[-300:]
+        assert "prefill worker" in resp.text and "HTTP 500" in resp.text, resp.text[-300:]
+    else:
+        assert resp.status_code == 502 and "prefill worker" in resp.json()["error"]["message"], resp.text
+    time.sleep(64 * 0.05 + 0.5)  # a decode left running would have finished its 64 tokens by now
+    assert decode.state.counters["success"] == 0 and decode.state.running == 0, (
+        f"the decode request was left running: {dict(decode.state.counters)}")
+    assert decode.state.counters["generated"] < 64
+
+
 @pytest.mark.parametrize("protocol", ["vllm", "sglang"])
 def test_a_decode_that_refuses_the_request_leaves_no_load_behind(make_cluster, fake_engines, protocol):
     cluster = make_cluster(protocol=protocol)

@@ -64,3 +64,32 @@ def test_the_router_is_waited_on_until_it_serves_and_stopped_by_its_process_grou
         assert not router.alive()
         with pytest.raises(ProcessLookupError):
             os.killpg(router.proc.pid, 0)
+
+
+# A router that is up before its workers are, as sglang-router 0.3.2 is: /health 200 at once,
+# /v1/models 503 until its workers are registered.
+WORKERS_LATE = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+ready_at = time.monotonic() + float(sys.argv[2])
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        status = 200 if self.path == "/health" or time.monotonic() >= ready_at else 503
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_router_whose_models_answer_503_is_not_serving_until_they_do(tmp_path):
+    script = tmp_path / "workers_late.py"
+    script.write_text(WORKERS_LATE)
+    router = started(f"{sys.executable} {script} {{port}} 2.0", ENGINES, tmp_path, timeout_s=30)
+    try:
+        assert requests.get(f"{router.url}/v1/models", timeout=5).status_code == 200, (
+            "taken as serving while it said it had no models")
+    finally:
+        router.stop(grace_s=5)

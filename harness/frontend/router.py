@@ -22,6 +22,7 @@ frontend hashed is an error, not a silent mis-route.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -155,6 +156,7 @@ class Route:
     # usage (it rewrites those) or transfer params (kv_/ec_transfer_params: the client must not
     # see them).
     raw_chunks: bool = False
+    prefill_failure: str | None = None  # SGLang: why the background prefill failed, if it did
 
     def headers(self) -> dict[str, str]:
         """Routing decisions, for clients and the suites. Engine ids are known once a stream is read."""
@@ -462,14 +464,14 @@ class RoutedEngine:
                 # What arrived together leaves together: one write for the client, not one per token.
                 yield Annotated(raw=b"".join(raw), flush=True) if raw else FLUSH
             self.metrics.error(self.model, "stream_failed")
-            yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} " + (
+            yield Annotated.failure(route.prefill_failure or f"{route.decode.role} worker {route.decode.key} " + (
                 f"sent nothing for {self.timeout_s:g} s" if watchdog.fired else "closed the stream before [DONE]"))
         except (*ENGINE_ERRORS, orjson.JSONDecodeError) as exc:
             self.metrics.error(self.model, "stream_failed")
             why = (f"sent nothing for {self.timeout_s:g} s" if watchdog.fired
                    else f"{type(exc).__name__}: {exc or 'connection lost'}")
-            yield Annotated.failure(f"{route.decode.role} worker {route.decode.key} at {route.decode.url} failed "
-                                    f"mid-stream: {why}")
+            yield Annotated.failure(route.prefill_failure or f"{route.decode.role} worker {route.decode.key} at "
+                                    f"{route.decode.url} failed mid-stream: {why}")
         finally:
             watchdog.cancel()
             self.stream_closed(route, finished)
@@ -480,12 +482,50 @@ class RoutedEngine:
         yield Annotated(data={**response, "choices": [choice], "kv_transfer_params": None}, id=response.get("id"))
 
     async def _sglang(self, client: aiohttp.ClientSession, route: Route, engine_body: dict) -> aiohttp.ClientResponse:
-        """Bootstrap-style: both at once, same room; the prefill runs in the background."""
+        """Bootstrap-style: both at once, same room; the prefill runs in the background. A prefill
+        that fails ends the request: SGLang's decode would wait for KV that never comes (sglang
+        0.5.23 on CPU behind sglang-router 0.3.2, which does not do this: no answer in 30 s). Before
+        the decode answers, the client gets the prefill's error; after, the decode stream is closed
+        (which aborts the decode) and the client's stream ends with it."""
         room = random.randrange(2**63)
         bootstrap = {"bootstrap_host": urllib.parse.urlsplit(route.prefill.url).hostname,
                      "bootstrap_port": route.prefill.bootstrap_port, "bootstrap_room": room}
         prefill_body = {**engine_body, **bootstrap, "stream": False}
         prefill_body.pop("stream_options", None)
-        self._keep(self._post_json(client, f"{route.prefill.url}{route_path(prefill_body)}", prefill_body,
-                                   route.request_id))
-        return await self._open(client, route.decode, {**engine_body, **bootstrap}, route.request_id)
+        prefill = self._keep(self._post_json(client, f"{route.prefill.url}{route_path(prefill_body)}", prefill_body,
+                                             route.request_id))
+        opening = asyncio.ensure_future(self._open(client, route.decode, {**engine_body, **bootstrap},
+                                                   route.request_id))
+        try:
+            await asyncio.wait({prefill, opening}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            opening.cancel()
+            raise
+        if prefill.done() and (why := self._sglang_prefill_failure(route, prefill)):
+            opening.cancel()  # a decode request still waiting for its answer is dropped, which aborts it
+            with contextlib.suppress(asyncio.CancelledError, RoutingError):
+                resp = await opening
+                resp.close()
+            raise PrefillError(why)
+        resp = await opening
+
+        def prefill_done(task: asyncio.Task) -> None:
+            if why := self._sglang_prefill_failure(route, task):
+                route.prefill_failure = why
+                resp.close()  # the relay's next read fails, and says why
+
+        prefill.add_done_callback(prefill_done)
+        return resp
+
+    def _sglang_prefill_failure(self, route: Route, task: asyncio.Task) -> str | None:
+        """Why an SGLang prefill failed (it could not run, or answered an error), or None."""
+        if task.cancelled():
+            return None
+        if (exc := task.exception()) is not None:
+            return (f"prefill worker {route.prefill.key} at {route.prefill.url} failed: {type(exc).__name__}: {exc}; "
+                    f"the decode would wait for its KV")
+        status, raw = task.result()
+        if status != 200:
+            return (f"prefill worker {route.prefill.key} answered HTTP {status}: {raw[:300].decode(errors='replace')}; "
+                    f"the decode would wait for its KV")
+        return None
