@@ -244,7 +244,7 @@ def test_an_sglang_prefill_that_fails_ends_the_request_with_its_error_and_aborts
     cluster = make_cluster(protocol="sglang")
     prefill = fake_engines("prefill", fail_status=500)
     prefill.spec = SimpleNamespace(bootstrap_port=18998)
-    decode = fake_engines("decode", token_delay_s=0.05)
+    decode = fake_engines("decode", token_delay_s=0.02)
     serve(cluster, prefill, decode)
     resp = complete(cluster, stream=stream, max_tokens=64)
     if resp.status_code == 200:  # the decode had answered first: the stream ends on the prefill's error
@@ -252,7 +252,7 @@ def test_an_sglang_prefill_that_fails_ends_the_request_with_its_error_and_aborts
         assert "prefill worker" in resp.text and "HTTP 500" in resp.text, resp.text[-300:]
     else:
         assert resp.status_code == 502 and "prefill worker" in resp.json()["error"]["message"], resp.text
-    time.sleep(64 * 0.05 + 0.5)  # a decode left running would have finished its 64 tokens by now
+    time.sleep(64 * 0.02 + 0.5)  # a decode left running would have finished its 64 tokens by now
     assert decode.state.counters["success"] == 0 and decode.state.running == 0, (
         f"the decode request was left running: {dict(decode.state.counters)}")
     assert decode.state.counters["generated"] < 64
