@@ -37,6 +37,23 @@ def vague_skips(checks: dict[str, dict], honest: tuple[str, ...] = ("needs ",)) 
             if c["outcome"] == "skipped" and not any(s in c["message"] for s in honest)}
 
 
+def assert_truthful_verdict(report: dict, out: str, peer: str, known_differences: dict[str, str],
+                            honest: tuple[str, ...] = ("needs ",)) -> tuple[dict[str, dict], dict[str, str]]:
+    """A real peer's verdict is truthful: no check crashed, every failure is a difference from SPEC
+    found by running it (`known_differences`: check -> a fragment of its failure), every skip names
+    its evidence. The checks, and the failures by check."""
+    checks = outcomes(report)
+    errors = {k: c["message"] for k, c in checks.items() if c["outcome"] == "error"}
+    assert not errors, f"checks that crashed against {peer}: {errors}\n{out}"
+    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] == "failed"}
+    unexplained = {k: m for k, m in failed.items() if known_differences.get(k.split("[")[0], "\0") not in m}
+    assert not unexplained, (f"failures against {peer} that no known difference explains:\n"
+                             f"{json.dumps(unexplained, indent=1)}\n{out}")
+    vague = vague_skips(checks, honest)
+    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    return checks, failed
+
+
 def keep_for_the_matrix(report: Path, label: str) -> None:
     """A copy at reports/interop/<label>/, for `python -m harness matrix` (.ci/run builds it)."""
     target = ROOT / "reports" / "interop" / label

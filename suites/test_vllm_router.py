@@ -9,7 +9,6 @@ The report lands in `<report dir>/vllm-router/` for the conformance matrix.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import evidence as ev
-from suites.suite_runs import outcomes, run_suites, vague_skips
+from suites.suite_runs import assert_truthful_verdict, run_suites
 
 pytestmark = [pytest.mark.spec("4.1", "4.4"), pytest.mark.engines, pytest.mark.xdist_group("engines"),
               pytest.mark.harness_code, pytest.mark.needs(ev.PLANTED_ROUTER)]
@@ -67,16 +66,8 @@ def test_vllm_router_gets_a_truthful_verdict(disagg, request, record_property):
     command = COMMAND.replace("vllm-router", router, 1)
     report, out = run_suites([f"--frontend-cmd={command}", f"--model={disagg.model}", *engines], report_dir,
                              *[str(ROOT / "suites" / s) for s in SUITES])
-    checks = outcomes(report)
     record_property("verdict", report["summary"])
-    errors = {k: c["message"] for k, c in checks.items() if c["outcome"] == "error"}
-    assert not errors, f"checks that crashed against vllm-router: {errors}\n{out}"
-    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] == "failed"}
-    unexplained = {k: m for k, m in failed.items() if KNOWN_DIFFERENCES.get(k.split("[")[0], "\0") not in m}
-    assert not unexplained, (f"failures against vllm-router that no known difference explains:\n"
-                             f"{json.dumps(unexplained, indent=1)}")
-    vague = vague_skips(checks)
-    assert not vague, f"skips that do not name the missing evidence: {vague}"
+    checks, failed = assert_truthful_verdict(report, out, "vllm-router", KNOWN_DIFFERENCES)
     skipped = [k for k, c in checks.items() if c["outcome"] == "skipped" and k.split("[")[0] in INTERPOSED_CHECKS]
     assert not skipped, f"checks on the relays skipped against vllm-router: {skipped}"
     record_property("differences", {k.split("[")[0]: m[:160] for k, m in failed.items()})

@@ -187,10 +187,6 @@ async def stream(request: web.Request, headers: dict[str, str], items: AsyncIter
     gathered: list[bytes] = [head] if (head := shape.head()) else []
     try:
         async for item in items:
-            if item.flush and item.raw is not None and not gathered:  # most reads: their token chunks
-                if part := shape.encode(item):
-                    await resp.write(part)
-                continue
             if item.is_error:
                 gathered.append(sse(item))
                 break
@@ -245,11 +241,11 @@ class CompletionShape:
         self.model, self.id, self.include_usage = model, f"{self.prefix}-{request_id}", include_usage
         self.token_ids = token_ids  # the client asked for them (vLLM's return_token_ids)
         self.created = int(time.time())
-        self._own_id, self._own_model = b'{"id":' + orjson.dumps(self.id), b'"model":' + orjson.dumps(model)
-        self._engine_id: bytes | None = None  # b'{"id":"<the engine\'s id>"', once its first chunk is seen
+        self._own_model = b'"model":' + orjson.dumps(model)
         self._engine_model: bytes | None = None  # b'"model":"<its name>"' where it differs from ours
-        self._engine_start: bytes | None = None  # b'data: ' + _engine_id: how each of its token events opens
-        self._own_start = b"data: " + self._own_id
+        # How each token event opens: b'data: {"id":"<id>"', the engine's once its first chunk is seen.
+        self._engine_start: bytes | None = None
+        self._own_start = b'data: {"id":' + orjson.dumps(self.id)
 
     def chunk(self, data: dict) -> dict | None:
         """The client's chunk, made from the engine's in place (it is this request's own, parsed
@@ -268,35 +264,20 @@ class CompletionShape:
         return data
 
     def passthrough(self, raw: bytes) -> bytes | None:
-        """The client's chunk made from the engine's bytes, without parsing them: what `chunk` does
-        to a token chunk, as byte edits (the id and model ours; the choices' token_ids, null here,
-        dropped unless the client asked for token ids; usage null unless it asked for usage).
-        None where an edit is not certain: `chunk` does it on the parsed dict. The relay passes only
-        token chunks (no usage, error or kv_transfer_params). vLLM writes its chunks compact
-        (pydantic), so the byte forms below are its; anything else takes the parsed path."""
-        if self._engine_id is None or not raw.startswith(self._engine_id):
-            return None
-        out = self._own_id + raw[len(self._engine_id):]
-        if self._engine_model is not None:
-            if self._engine_model not in out:
-                return None
-            out = out.replace(self._engine_model, self._own_model, 1)
-        if not self.token_ids:
-            out = out.replace(b',"token_ids":null', b"")
-            if b'"token_ids"' in out:
-                return None
-        if b'"usage"' in out:
-            return None
-        if not self.include_usage:
-            out = out[:-1] + b',"usage":null}'
-        return b"data: " + out + b"\n\n"
+        """The client's chunk made from one engine chunk's bytes (its JSON), without parsing them:
+        `passthrough_events` on a run of one."""
+        return self.passthrough_events(b"data: " + raw + b"\n\n")
 
     def passthrough_events(self, events: bytes) -> bytes | None:
-        """`passthrough` on a run of whole token events at once, with one edit each over the run
-        instead of several per event. None where the run is not exactly n events of the form
-        `data: {"id":<the engine's id>...}` and a blank line, or an edit does not land once per event:
-        then each event takes `passthrough`. A JSON string cannot hold a bare quote or newline, so
-        the patterns below match only the keys and framing they name."""
+        """The client's token events made from a run of the engine's, without parsing them: what
+        `chunk` does to a token chunk, as byte edits, one each over the whole run (the id and model
+        ours; the choices' token_ids, null here, dropped unless the client asked for token ids;
+        usage null unless it asked for usage). None where an edit is not certain: where the run is
+        not exactly n events of the form `data: {"id":<the engine's id>...}` and a blank line, or an
+        edit does not land once per event; then each event is parsed. A JSON string cannot hold a
+        bare quote or newline, so the patterns below match only the keys and framing they name. The
+        relay passes only token chunks (no usage, error or kv_transfer_params). vLLM writes its
+        chunks compact (pydantic), so the byte forms below are its; anything else is parsed."""
         start = self._engine_start
         if start is None or not events.startswith(start):
             return None
@@ -318,10 +299,9 @@ class CompletionShape:
         return events if self.include_usage else events.replace(b"}\n\n", b',"usage":null}\n\n')
 
     def learn(self, engine_chunk: dict) -> None:
-        """The engine's id and model, from its first chunk (parsed), for `passthrough`."""
-        if self._engine_id is None and isinstance(engine_chunk.get("id"), str):
-            self._engine_id = b'{"id":' + orjson.dumps(engine_chunk["id"])
-            self._engine_start = b"data: " + self._engine_id
+        """The engine's id and model, from its first chunk (parsed), for `passthrough_events`."""
+        if self._engine_start is None and isinstance(engine_chunk.get("id"), str):
+            self._engine_start = b'data: {"id":' + orjson.dumps(engine_chunk["id"])
             model = engine_chunk.get("model")
             self._engine_model = (b'"model":' + orjson.dumps(model)) if model != self.model else None
 
@@ -355,11 +335,8 @@ class CompletionShape:
 class ChatShape(CompletionShape):
     object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def passthrough(self, raw: bytes) -> bytes | None:
-        return None  # every chunk is reshaped
-
     def passthrough_events(self, events: bytes) -> bytes | None:
-        return None
+        return None  # every chunk is reshaped
 
     def chunk(self, data: dict) -> dict | None:
         choices = []

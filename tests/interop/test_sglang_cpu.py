@@ -23,7 +23,8 @@ from harness.cluster import Cluster
 from harness.engines.launcher import EngineProcess, free_port
 from harness.engines.metrics import Metrics
 from harness.engines.profiles import PROFILES, ROLES
-from suites.suite_runs import HONEST_SKIPS, keep_for_the_matrix, outcomes, run_suites, vague_skips
+from suites.suite_runs import (HONEST_SKIPS, assert_truthful_verdict, keep_for_the_matrix, outcomes, run_suites,
+                               vague_skips)
 
 SGLANG_PYTHON = os.environ.get("DISAGG_SGLANG_PYTHON")
 pytestmark = pytest.mark.skipif(not SGLANG_PYTHON, reason="needs SGLang 0.5.23 for CPU: run `tox -e interop`, or set "
@@ -272,13 +273,6 @@ def test_sglang_router_in_front_of_sglang_pd_gets_a_truthful_verdict(servers, tm
                *[f"--engine-url={role}={engine.url}" for role, engine in engines.items()]]
     report, out = run_suites(options, tmp_path / "report", *[str(ROOT / "suites" / s) for s in ROUTER_SUITES])
     keep_for_the_matrix(tmp_path / "report" / "conformance.json", "sglang-router")
-    checks = outcomes(report)
     record_property("verdict", report["summary"])
-    errors = {k: c["message"] for k, c in checks.items() if c["outcome"] == "error"}
-    assert not errors, f"checks that crashed against sglang-router: {errors}\n{out}"
-    failed = {k: c["message"] for k, c in checks.items() if c["outcome"] == "failed"}
-    unexplained = {k: m for k, m in failed.items() if SGLANG_ROUTER_DIFFERENCES.get(k.split("[")[0], "\0") not in m}
-    assert not unexplained, (f"failures against sglang-router that no known difference explains:\n"
-                             f"{json.dumps(unexplained, indent=1)}\n{out}")
-    assert not vague_skips(checks, HONEST_SKIPS)
+    _, failed = assert_truthful_verdict(report, out, "sglang-router", SGLANG_ROUTER_DIFFERENCES, HONEST_SKIPS)
     record_property("differences", {k.split("[")[0]: m[:160] for k, m in failed.items()})
