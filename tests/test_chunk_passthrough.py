@@ -99,3 +99,39 @@ def test_a_run_the_one_edit_path_cannot_be_certain_of_still_reaches_the_client_a
     shape.learn(orjson.loads(vllm_chunk(" first")))
     assert shape.passthrough_events(run) is None
     assert shape.encode(Annotated(raw=run)) == parsed_path(args, vllm_chunk(" first"), run)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_run_already_in_the_clients_shape_leaves_as_it_came(include_usage):
+    """An engine whose chunk id is `cmpl-<X-Request-Id>` (the fake engine; vLLM before 0.32) and
+    whose model name is the served one: nothing to edit, so the engine's bytes are the client's."""
+    args = {"model": "tiny-llama", "request_id": "req-1", "include_usage": include_usage}
+    shape = CompletionShape(**args)
+    shape.learn(orjson.loads(vllm_chunk(" first", engine_id="cmpl-req-1")))
+    run = events(vllm_chunk(" a", engine_id="cmpl-req-1"), vllm_chunk(" b", engine_id="cmpl-req-1"))
+    assert shape.passthrough_events(run) is run
+    assert run == parsed_path(args, vllm_chunk(" first", engine_id="cmpl-req-1"), run)
+
+
+@pytest.mark.parametrize("run", [
+    events(vllm_chunk(" a", engine_id="cmpl-req-1"), vllm_chunk(" b", engine_id="cmpl-other")),
+    b": keep-alive\n\n" + events(vllm_chunk(" a", engine_id="cmpl-req-1")),
+    events(vllm_chunk(" a", engine_id="cmpl-req-1", token_ids=[7])),
+], ids=["other-id", "comment", "token-ids"])
+def test_a_run_with_nothing_to_edit_is_still_checked_event_by_event(run):
+    args = {"model": "tiny-llama", "request_id": "req-1", "include_usage": False}
+    shape = CompletionShape(**args)
+    shape.learn(orjson.loads(vllm_chunk(" first", engine_id="cmpl-req-1")))
+    assert shape.passthrough_events(run) is None
+    assert shape.encode(Annotated(raw=run)) == parsed_path(args, vllm_chunk(" first", engine_id="cmpl-req-1"), run)
+
+
+def test_a_streamed_completion_carries_usage_only_where_the_client_asked_for_it():
+    """OpenAI: `usage` is present only with stream_options.include_usage; vLLM's own null
+    token_ids stay as vLLM sends them."""
+    chunk = orjson.loads(vllm_chunk(" a"))
+    shaped = CompletionShape("tiny-llama", "r", include_usage=False).chunk({**chunk, "usage": None})
+    assert "usage" not in shaped and shaped["choices"][0]["token_ids"] is None
+    final = {"id": "cmpl-abc-0-1f", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    assert CompletionShape("tiny-llama", "r", include_usage=False).chunk(dict(final)) is None
+    assert CompletionShape("tiny-llama", "r", include_usage=True).chunk(dict(final))["usage"]["prompt_tokens"] == 3

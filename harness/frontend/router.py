@@ -74,6 +74,17 @@ class DecodeError(RoutingError):
 PARSED_MARKS = (b'"error"', b'"usage"', b'_transfer_params"', b"[DONE]")
 
 
+def parsed_from(events: bytes) -> int:
+    """Where the first event holding a PARSED_MARKS mark begins in a run of whole SSE events (0
+    where none does, or the first). A JSON string cannot hold a bare newline: a blank line is
+    always between two events."""
+    marks = [at for mark in PARSED_MARKS if (at := events.find(mark)) >= 0]
+    if not marks:
+        return 0
+    boundary = events.rfind(b"\n\n", 0, min(marks))
+    return boundary + 2 if boundary >= 0 else 0
+
+
 # Engine errors the client sees as a failed worker: connection refused or reset, a read timeout.
 ENGINE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -263,13 +274,17 @@ class RoutedEngine:
     def _headers(self, request_id: str) -> dict[str, str]:
         return {"X-Request-Id": request_id, "Content-Type": "application/json"}
 
-    async def start(self, client: aiohttp.ClientSession, body: dict, prompt: Prompt | list[int], request_id: str
-                    ) -> tuple[Route, AsyncIterator[Annotated]]:
-        """Route, run the prefill (if any), open the decode stream. Errors before streaming raise."""
+    async def start(self, client: aiohttp.ClientSession, body: dict, prompt: Prompt | list[int], request_id: str,
+                    *, usage: bool = True) -> tuple[Route, AsyncIterator[Annotated]]:
+        """Route, run the prefill (if any), open the decode stream. Errors before streaming raise.
+        `usage`: the decode's stream ends with a usage chunk. A caller whose client will not see
+        it says False: the engine writes one chunk less and the relay parses none (its bytes
+        then pass through to the end)."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         route = self.route(prompt, request_id)
-        engine_body = {**body, "model": self.model, "stream": True,
-                       "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
+        engine_body = {**body, "model": self.model, "stream": True}
+        if usage:
+            engine_body["stream_options"] = {"include_usage": True, "continuous_usage_stats": False}
         if prompt.messages is None:
             engine_body["prompt"] = prompt.token_ids
         else:  # images: the engine's chat API (route_path), asked to show the prompt it ran (SGLang cannot)
@@ -420,49 +435,64 @@ class RoutedEngine:
             async for data in self.engine_chunks(resp):
                 watchdog.last = now()
                 buf = pending + data if pending else data
-                if fast:  # this runs on every read of every stream: PARSED_MARKS spelled out
-                    end = buf.rfind(b"\n\n") + 2
-                    events = buf[:end]
-                    if end > 1 and not (b'"error"' in events or b'"usage"' in events or b'_transfer_params"' in events
-                                        or b"[DONE]" in events):
-                        pending = buf[end:]
-                        yield Annotated(raw=events, flush=True)  # every whole event of this read: token chunks
-                        continue
-                *lines, pending = buf.split(b"\n")
-                raw: list[bytes] = []  # token events of this read passed through unparsed, in order
-                for line in lines:
-                    if not line.startswith(b"data: "):
-                        continue
-                    payload = line[6:].strip()
-                    if payload == b"[DONE]":
+                while True:  # twice at most: the rest of a read whose first chunk was parsed goes on unparsed
+                    if fast:  # this runs on every read of every stream: PARSED_MARKS spelled out
+                        end = buf.rfind(b"\n\n") + 2
+                        events = buf[:end]
+                        if end > 1 and not (b'"error"' in events or b'"usage"' in events
+                                            or b'_transfer_params"' in events or b"[DONE]" in events):
+                            pending = buf[end:]
+                            yield Annotated(raw=events, flush=True)  # every whole event of this read: token chunks
+                            break
+                        # The events before the first marked one are token chunks still (a stream's last
+                        # read brings its last tokens with [DONE]): they pass through; the rest is parsed.
+                        if (cut := parsed_from(events)) > 0:
+                            yield Annotated(raw=events[:cut])
+                            buf = buf[cut:]
+                    *lines, pending = buf.split(b"\n")
+                    raw: list[bytes] = []  # token events of this read passed through unparsed, in order
+                    rest = None  # what follows the stream's first chunk in the same read
+                    for i, line in enumerate(lines):
+                        if not line.startswith(b"data: "):
+                            continue
+                        payload = line[6:].strip()
+                        if payload == b"[DONE]":
+                            if raw:
+                                yield Annotated(raw=b"".join(raw))
+                            finished = True
+                            return
+                        if fast and not any(mark in payload for mark in PARSED_MARKS):
+                            raw.append(b"data: " + payload + b"\n\n")  # a token chunk: nothing here reads it
+                            continue
                         if raw:
                             yield Annotated(raw=b"".join(raw))
-                        finished = True
-                        return
-                    if fast and not any(mark in payload for mark in PARSED_MARKS):
-                        raw.append(b"data: " + payload + b"\n\n")  # a token chunk: nothing here reads it
-                        continue
-                    if raw:
-                        yield Annotated(raw=b"".join(raw))
-                        raw = []
-                    chunk = orjson.loads(payload)
-                    route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
-                    fast = passthrough
-                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                        self.metrics.error(self.model, "stream_failed")
-                        yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
-                        return
-                    chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
-                    if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
-                        if (why := prompt_mismatch(route.decode, route.expect_prompt, chunk.pop("prompt_token_ids"))):
-                            self.metrics.error(self.model, "prompt_mismatch")
-                            yield Annotated.failure(why)
+                            raw = []
+                        chunk = orjson.loads(payload)
+                        route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
+                        first, fast = passthrough and not fast, passthrough
+                        if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                            self.metrics.error(self.model, "stream_failed")
+                            yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
                             return
-                    if chunk.get("usage") and route.prefill_response is not None:
-                        chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
-                    yield Annotated(data=chunk, id=route.request_id)
-                # What arrived together leaves together: one write for the client, not one per token.
-                yield Annotated(raw=b"".join(raw), flush=True) if raw else FLUSH
+                        chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
+                        if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
+                            if (why := prompt_mismatch(route.decode, route.expect_prompt,
+                                                       chunk.pop("prompt_token_ids"))):
+                                self.metrics.error(self.model, "prompt_mismatch")
+                                yield Annotated.failure(why)
+                                return
+                        if chunk.get("usage") and route.prefill_response is not None:
+                            chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
+                        yield Annotated(data=chunk, id=route.request_id)
+                        if first and i + 1 < len(lines):
+                            rest = b"\n".join(lines[i + 1:] + [pending]).lstrip(b"\n")
+                            break
+                    if rest is not None:
+                        buf = rest
+                        continue
+                    # What arrived together leaves together: one write for the client, not one per token.
+                    yield Annotated(raw=b"".join(raw), flush=True) if raw else FLUSH
+                    break
             self.metrics.error(self.model, "stream_failed")
             yield Annotated.failure(route.prefill_failure or f"{route.decode.role} worker {route.decode.key} " + (
                 f"sent nothing for {self.timeout_s:g} s" if watchdog.fired else "closed the stream before [DONE]"))

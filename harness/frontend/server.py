@@ -126,19 +126,22 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
         if chat and "max_completion_tokens" in body:
             engine_body["max_tokens"] = body["max_completion_tokens"]
         request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+        streamed, include_usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
         try:
-            route, items = await model.engine.start(request.app[CLIENT], engine_body, prompt, request_id)
+            # The engine's usage only where the client gets it: a streamed answer without usage
+            # then passes through as the engine's bytes to the end, and the engine writes one chunk less.
+            route, items = await model.engine.start(request.app[CLIENT], engine_body, prompt, request_id,
+                                                    usage=include_usage or not streamed)
         except RoutingError as exc:
             metrics.error(model.name, exc.kind)
             return error(exc.status, str(exc), "engine_error")
         # A streamed completion takes the engine's token chunks as they came (CompletionShape.passthrough).
-        route.raw_chunks = bool(body.get("stream")) and not chat
+        route.raw_chunks = streamed and not chat
         metrics.routed(model.name, route.mode)
         shape = ChatShape if chat else CompletionShape
-        fmt = shape(model.name, request_id, bool((body.get("stream_options") or {}).get("include_usage")),
-                    bool(body.get("return_token_ids")))
+        fmt = shape(model.name, request_id, include_usage, bool(body.get("return_token_ids")))
         try:
-            if body.get("stream"):
+            if streamed:
                 return await stream(request, route.headers(), items, fmt)
             folded = Folded()
             async for item in items:
@@ -249,18 +252,22 @@ class CompletionShape:
 
     def chunk(self, data: dict) -> dict | None:
         """The client's chunk, made from the engine's in place (it is this request's own, parsed
-        for it alone): every streamed token passes here."""
+        for it alone): every streamed token passes here. What the client did not ask for is left
+        out as OpenAI and vLLM leave it out: usage unless it asked for usage; token ids unless it
+        asked for them (vLLM's own `"token_ids": null` stays, as vLLM's server sends it)."""
         if not data.get("choices") and not (self.include_usage and data.get("usage")):
             return None
         data.pop("kv_transfer_params", None)
         data.pop("ec_transfer_params", None)
         if not self.token_ids:
-            data.pop("prompt_token_ids", None)
+            if data.get("prompt_token_ids") is not None:
+                del data["prompt_token_ids"]
             for choice in data.get("choices") or ():
-                choice.pop("token_ids", None)
+                if choice.get("token_ids") is not None:
+                    del choice["token_ids"]
         data["id"], data["model"], data["object"] = self.id, self.model, self.chunk_object
         if not self.include_usage:
-            data["usage"] = None
+            data.pop("usage", None)
         return data
 
     def passthrough(self, raw: bytes) -> bytes | None:
@@ -271,18 +278,22 @@ class CompletionShape:
     def passthrough_events(self, events: bytes) -> bytes | None:
         """The client's token events made from a run of the engine's, without parsing them: what
         `chunk` does to a token chunk, as byte edits, one each over the whole run (the id and model
-        ours; the choices' token_ids, null here, dropped unless the client asked for token ids;
-        usage null unless it asked for usage). None where an edit is not certain: where the run is
-        not exactly n events of the form `data: {"id":<the engine's id>...}` and a blank line, or an
-        edit does not land once per event; then each event is parsed. A JSON string cannot hold a
-        bare quote or newline, so the patterns below match only the keys and framing they name. The
-        relay passes only token chunks (no usage, error or kv_transfer_params). vLLM writes its
-        chunks compact (pydantic), so the byte forms below are its; anything else is parsed."""
+        ours), and none where the engine's are already the client's (an engine that takes its
+        chunk id from X-Request-Id): then the run leaves as it came, uncopied. None where that is
+        not certain: token ids the client did not ask for, or a run that is not exactly n events of
+        the form `data: {"id":<the engine's id>...}` and a blank line, or an edit that does not
+        land once per event; then each event is parsed. A JSON string cannot hold a bare quote or
+        newline, so the patterns below match only the keys and framing they name. The relay passes
+        only token chunks (no usage, error or kv_transfer_params; with usage not asked for, the
+        engine's chunks carry none). vLLM writes its chunks compact (pydantic), so the byte forms
+        below are its; anything else is parsed."""
         start = self._engine_start
         if start is None or not events.startswith(start):
             return None
-        n = events.count(b"\n\n")
-        if events.count(start) != n or events.count(b"\n") != 2 * n or events.count(b"}\n\n") != n:
+        if not self.token_ids and (ids := events.count(b'token_ids"')) and events.count(b'token_ids":null') != ids:
+            return None
+        n = events.count(b"}\n\n")
+        if events.count(b"\n") != 2 * n or events.count(start) != n or not events.endswith(b"}\n\n"):
             return None
         if start != self._own_start:
             events = events.replace(start, self._own_start)
@@ -290,13 +301,7 @@ class CompletionShape:
             if events.count(self._engine_model) != n:
                 return None
             events = events.replace(self._engine_model, self._own_model)
-        if not self.token_ids:
-            events = events.replace(b',"token_ids":null', b"")
-            if b'"token_ids"' in events:
-                return None
-        if b'"usage"' in events:
-            return None
-        return events if self.include_usage else events.replace(b"}\n\n", b',"usage":null}\n\n')
+        return events
 
     def learn(self, engine_chunk: dict) -> None:
         """The engine's id and model, from its first chunk (parsed), for `passthrough_events`."""

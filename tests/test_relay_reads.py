@@ -1,0 +1,98 @@
+"""However an engine's stream is cut into reads, a streamed completion reaches the client as the
+parsed path would make it: the relay parses the first chunk, passes the token events after it
+unparsed (in the same read too), and parses what carries usage, an error or [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import orjson
+import pytest
+
+from harness.frontend.router import Instance, Route, RoutedEngine
+from harness.frontend.server import CompletionShape
+
+
+class Reads(RoutedEngine):
+    """A router whose decode stream is the given reads."""
+
+    def __init__(self, reads: list[bytes]):
+        super().__init__("tiny-llama")
+        self.reads = reads
+
+    async def engine_chunks(self, resp):
+        for read in self.reads:
+            yield read
+
+
+class Resp:
+    def close(self) -> None:
+        pass
+
+    async def read(self) -> bytes:
+        return b""
+
+    def release(self) -> None:
+        pass
+
+
+def engine_stream(engine_id: str, tokens: int, usage: bool) -> bytes:
+    events = [{"id": engine_id, "object": "text_completion", "created": 1, "model": "tiny-llama",
+               "choices": [{"index": 0, "text": f" t{k}", "logprobs": None,
+                            "finish_reason": "length" if k == tokens - 1 else None, "stop_reason": None,
+                            "prompt_token_ids": None, "token_ids": None}]} for k in range(tokens)]
+    if usage:
+        events.append({"id": engine_id, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": tokens}})
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def parsed_path(stream: bytes, usage: bool) -> bytes:
+    shape = CompletionShape("tiny-llama", "req-1", usage)
+    out = b""
+    for line in stream.split(b"\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            chunk = orjson.loads(line[6:])
+            shape.learn(chunk)
+            out += shape.encoded(chunk)
+    return out
+
+
+def relayed(reads: list[bytes], usage: bool) -> tuple[bytes, list]:
+    async def run():
+        router = Reads(reads)
+        route = Route("req-1", "aggregated", Instance("d", "http://127.0.0.1:1", "decode"), raw_chunks=True)
+        shape, out, items = CompletionShape("tiny-llama", "req-1", usage), b"", []
+        async for item in router._relay(route, Resp()):
+            assert not item.is_error, item.error_text
+            items.append(item)
+            out += shape.encode(item)
+        return out, items
+
+    return asyncio.run(run())
+
+
+def cut(stream: bytes, at: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(at), len(stream)]
+    return [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+@pytest.mark.parametrize("engine_id", ["cmpl-req-1", "cmpl-abc-0-1f"], ids=["ours", "the-engines"])
+@pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "usage"])
+def test_every_cut_of_the_stream_into_reads_reaches_the_client_as_the_parsed_path_makes_it(engine_id, usage):
+    stream = engine_stream(engine_id, 12, usage)
+    expected = parsed_path(stream, usage)
+    rng = random.Random(17)
+    cuts = [[], [len(stream) // 2]] + [rng.sample(range(1, len(stream)), k) for k in (1, 2, 5, 30) for _ in range(25)]
+    for at in cuts:
+        out, _ = relayed(cut(stream, at), usage)
+        assert out == expected, f"reads cut at {sorted(at)}"
+
+
+def test_one_read_of_the_whole_stream_parses_only_its_first_chunk_and_what_follows_the_tokens():
+    stream = engine_stream("cmpl-abc-0-1f", 12, usage=True)
+    _, items = relayed([stream], usage=True)
+    parsed = [item for item in items if item.data is not None]
+    passed = b"".join(item.raw for item in items if item.raw is not None)
+    assert [p.data["choices"][0]["text"] if p.data["choices"] else "usage" for p in parsed] == [" t0", "usage"]
+    assert passed.count(b"\n\n") == 11, "the 11 token events after the first pass through unparsed"
