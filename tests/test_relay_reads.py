@@ -1,6 +1,7 @@
 """However an engine's stream is cut into reads, a streamed completion reaches the client as the
-parsed path would make it: the relay parses the first chunk, passes the token events after it
-unparsed (in the same read too), and parses what carries usage, an error or [DONE]."""
+parsed path would make it: the relay passes token events through unparsed from the first (the
+client's shape learns the engine's id from their bytes), and parses what carries usage, an error
+or [DONE]."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def engine_stream(engine_id: str, tokens: int, usage: bool) -> bytes:
     return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
-def parsed_path(stream: bytes, usage: bool) -> bytes:
-    shape = CompletionShape("tiny-llama", "req-1", usage)
+def parsed_path(stream: bytes, usage: bool, served: str = "tiny-llama") -> bytes:
+    shape = CompletionShape(served, "req-1", usage)
     out = b""
     for line in stream.split(b"\n"):
         if line.startswith(b"data: ") and line != b"data: [DONE]":
@@ -58,11 +59,11 @@ def parsed_path(stream: bytes, usage: bool) -> bytes:
     return out
 
 
-def relayed(reads: list[bytes], usage: bool) -> tuple[bytes, list]:
+def relayed(reads: list[bytes], usage: bool, served: str = "tiny-llama") -> tuple[bytes, list]:
     async def run():
         router = Reads(reads)
         route = Route("req-1", "aggregated", Instance("d", "http://127.0.0.1:1", "decode"), raw_chunks=True)
-        shape, out, items = CompletionShape("tiny-llama", "req-1", usage), b"", []
+        shape, out, items = CompletionShape(served, "req-1", usage), b"", []
         async for item in router._relay(route, Resp()):
             assert not item.is_error, item.error_text
             items.append(item)
@@ -77,22 +78,34 @@ def cut(stream: bytes, at: list[int]) -> list[bytes]:
     return [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-@pytest.mark.parametrize("engine_id", ["cmpl-req-1", "cmpl-abc-0-1f"], ids=["ours", "the-engines"])
+@pytest.mark.parametrize("served", ["tiny-llama", "another-name"])
+@pytest.mark.parametrize("engine_id", ["cmpl-req-1", "cmpl-abc-0-1f", 'cmpl-\\"q'], ids=["ours", "the-engines", "escaped"])
 @pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "usage"])
-def test_every_cut_of_the_stream_into_reads_reaches_the_client_as_the_parsed_path_makes_it(engine_id, usage):
+def test_every_cut_of_the_stream_into_reads_reaches_the_client_as_the_parsed_path_makes_it(engine_id, usage, served):
     stream = engine_stream(engine_id, 12, usage)
-    expected = parsed_path(stream, usage)
+    expected = parsed_path(stream, usage, served)
     rng = random.Random(17)
     cuts = [[], [len(stream) // 2]] + [rng.sample(range(1, len(stream)), k) for k in (1, 2, 5, 30) for _ in range(25)]
     for at in cuts:
-        out, _ = relayed(cut(stream, at), usage)
+        out, _ = relayed(cut(stream, at), usage, served)
         assert out == expected, f"reads cut at {sorted(at)}"
 
 
-def test_one_read_of_the_whole_stream_parses_only_its_first_chunk_and_what_follows_the_tokens():
+def test_a_stream_in_one_read_is_parsed_only_where_it_carries_usage():
     stream = engine_stream("cmpl-abc-0-1f", 12, usage=True)
     _, items = relayed([stream], usage=True)
-    parsed = [item for item in items if item.data is not None]
+    parsed = [item.data for item in items if item.data is not None]
     passed = b"".join(item.raw for item in items if item.raw is not None)
-    assert [p.data["choices"][0]["text"] if p.data["choices"] else "usage" for p in parsed] == [" t0", "usage"]
-    assert passed.count(b"\n\n") == 11, "the 11 token events after the first pass through unparsed"
+    assert [p["usage"]["completion_tokens"] for p in parsed] == [12] and all(not p["choices"] for p in parsed)
+    assert passed.count(b"\n\n") == 12, "every token event, the first too, passes through unparsed"
+
+
+def test_the_first_token_reaches_the_client_unparsed_where_its_bytes_name_the_engines_id():
+    first = engine_stream("cmpl-abc-0-1f", 1, usage=False).split(b"data: [DONE]")[0]
+    shape = CompletionShape("tiny-llama", "req-1", False)
+    shape.learn_events(first)
+    assert shape.passthrough_events(first) == parsed_path(first, False)
+    for unsure in (engine_stream('cmpl-\\"q', 1, False), first.replace(b'"model":"tiny-llama"', b'"model":"other"')):
+        shape = CompletionShape("tiny-llama", "req-1", False)
+        shape.learn_events(unsure)
+        assert shape.passthrough_events(unsure) is None, "an escaped id or another model name is parsed"

@@ -428,71 +428,62 @@ class RoutedEngine:
         prefill_usage = ((route.prefill_response or {}).get("usage") or {})
         finished, pending = False, b""
         passthrough = route.raw_chunks and route.expect_prompt is None
-        fast = False  # passthrough, and the first chunk (parsed) has named the engine's request id
+        # Token chunks pass through unparsed from the first (the consumer learns the engine's id from
+        # their bytes); a stream that is not passed through is parsed chunk by chunk.
+        fast = passthrough
         watchdog = ReadWatchdog(resp, self.timeout_s)
         now = watchdog.loop.time
         try:
             async for data in self.engine_chunks(resp):
                 watchdog.last = now()
                 buf = pending + data if pending else data
-                while True:  # twice at most: the rest of a read whose first chunk was parsed goes on unparsed
-                    if fast:  # this runs on every read of every stream: PARSED_MARKS spelled out
-                        end = buf.rfind(b"\n\n") + 2
-                        events = buf[:end]
-                        if end > 1 and not (b'"error"' in events or b'"usage"' in events
-                                            or b'_transfer_params"' in events or b"[DONE]" in events):
-                            pending = buf[end:]
-                            yield Annotated(raw=events, flush=True)  # every whole event of this read: token chunks
-                            break
-                        # The events before the first marked one are token chunks still (a stream's last
-                        # read brings its last tokens with [DONE]): they pass through; the rest is parsed.
-                        if (cut := parsed_from(events)) > 0:
-                            yield Annotated(raw=events[:cut])
-                            buf = buf[cut:]
-                    *lines, pending = buf.split(b"\n")
-                    raw: list[bytes] = []  # token events of this read passed through unparsed, in order
-                    rest = None  # what follows the stream's first chunk in the same read
-                    for i, line in enumerate(lines):
-                        if not line.startswith(b"data: "):
-                            continue
-                        payload = line[6:].strip()
-                        if payload == b"[DONE]":
-                            if raw:
-                                yield Annotated(raw=b"".join(raw))
-                            finished = True
-                            return
-                        if fast and not any(mark in payload for mark in PARSED_MARKS):
-                            raw.append(b"data: " + payload + b"\n\n")  # a token chunk: nothing here reads it
-                            continue
+                if fast:  # this runs on every read of every stream: PARSED_MARKS spelled out
+                    end = buf.rfind(b"\n\n") + 2
+                    events = buf[:end]
+                    if end > 1 and not (b'"error"' in events or b'"usage"' in events or b'_transfer_params"' in events
+                                        or b"[DONE]" in events):
+                        pending = buf[end:]
+                        yield Annotated(raw=events, flush=True)  # every whole event of this read: token chunks
+                        continue
+                    # The events before the first marked one are token chunks still (a stream's last
+                    # read brings its last tokens with [DONE]): they pass through; the rest is parsed.
+                    if (cut := parsed_from(events)) > 0:
+                        yield Annotated(raw=events[:cut])
+                        buf = buf[cut:]
+                *lines, pending = buf.split(b"\n")
+                raw: list[bytes] = []  # token events of this read passed through unparsed, in order
+                for line in lines:
+                    if not line.startswith(b"data: "):
+                        continue
+                    payload = line[6:].strip()
+                    if payload == b"[DONE]":
                         if raw:
                             yield Annotated(raw=b"".join(raw))
-                            raw = []
-                        chunk = orjson.loads(payload)
-                        route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
-                        first, fast = passthrough and not fast, passthrough
-                        if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                            self.metrics.error(self.model, "stream_failed")
-                            yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
-                            return
-                        chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
-                        if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
-                            if (why := prompt_mismatch(route.decode, route.expect_prompt,
-                                                       chunk.pop("prompt_token_ids"))):
-                                self.metrics.error(self.model, "prompt_mismatch")
-                                yield Annotated.failure(why)
-                                return
-                        if chunk.get("usage") and route.prefill_response is not None:
-                            chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
-                        yield Annotated(data=chunk, id=route.request_id)
-                        if first and i + 1 < len(lines):
-                            rest = b"\n".join(lines[i + 1:] + [pending]).lstrip(b"\n")
-                            break
-                    if rest is not None:
-                        buf = rest
+                        finished = True
+                        return
+                    if fast and not any(mark in payload for mark in PARSED_MARKS):
+                        raw.append(b"data: " + payload + b"\n\n")  # a token chunk: nothing here reads it
                         continue
-                    # What arrived together leaves together: one write for the client, not one per token.
-                    yield Annotated(raw=b"".join(raw), flush=True) if raw else FLUSH
-                    break
+                    if raw:
+                        yield Annotated(raw=b"".join(raw))
+                        raw = []
+                    chunk = orjson.loads(payload)
+                    route.engine_request_ids.setdefault("decode", str(chunk.get("id")))
+                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                        self.metrics.error(self.model, "stream_failed")
+                        yield Annotated.failure(f"{route.decode.role} worker {route.decode.key}: {chunk['error']}")
+                        return
+                    chunk["choices"] = [as_completion_choice(c) for c in chunk.get("choices") or []]
+                    if route.expect_prompt is not None and chunk.get("prompt_token_ids") is not None:
+                        if (why := prompt_mismatch(route.decode, route.expect_prompt, chunk.pop("prompt_token_ids"))):
+                            self.metrics.error(self.model, "prompt_mismatch")
+                            yield Annotated.failure(why)
+                            return
+                    if chunk.get("usage") and route.prefill_response is not None:
+                        chunk["usage"] = self.reported_usage(prefill_usage, chunk["usage"])
+                    yield Annotated(data=chunk, id=route.request_id)
+                # What arrived together leaves together: one write for the client, not one per token.
+                yield Annotated(raw=b"".join(raw), flush=True) if raw else FLUSH
             self.metrics.error(self.model, "stream_failed")
             yield Annotated.failure(route.prefill_failure or f"{route.decode.role} worker {route.decode.key} " + (
                 f"sent nothing for {self.timeout_s:g} s" if watchdog.fired else "closed the stream before [DONE]"))

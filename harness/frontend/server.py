@@ -310,6 +310,18 @@ class CompletionShape:
             model = engine_chunk.get("model")
             self._engine_model = (b'"model":' + orjson.dumps(model)) if model != self.model else None
 
+    def learn_events(self, events: bytes) -> None:
+        """`learn` from the first event's bytes, where they are certain: it opens `data: {"id":"`
+        with an id free of escapes, and names our model once. Else the first chunk is parsed.
+        The stream's first token then reaches the client unparsed too."""
+        if not events.startswith(b'data: {"id":"'):
+            return
+        close, first_end = events.find(b'"', 13), events.find(b"\n\n")
+        if close < 0 or first_end < close or b"\\" in events[13:close]:
+            return
+        if events.count(self._own_model, 0, first_end) == 1:
+            self._engine_start, self._engine_model = events[:close + 1], None
+
     def head(self) -> bytes:
         """What the client's stream opens with, before the engine's first chunk: nothing here."""
         return b""
@@ -317,12 +329,20 @@ class CompletionShape:
     def encode(self, item: Annotated) -> bytes:
         """The client's SSE events for one relay item (not an error); b"" where it gets none."""
         if item.raw is not None:
+            if self._engine_start is None:
+                self.learn_events(item.raw)
             return self.passthrough_events(item.raw) or b"".join(
-                self.passthrough(payload) or self.encoded(orjson.loads(payload)) for payload in event_payloads(item.raw))
+                self.passthrough(payload) or self.parsed(payload) for payload in event_payloads(item.raw))
         if item.data is not None:
             self.learn(item.data)
             return self.encoded(item.data)
         return b""
+
+    def parsed(self, payload: bytes) -> bytes:
+        """The client's SSE event for one engine event the byte edits could not be sure of."""
+        data = orjson.loads(payload)
+        self.learn(data)
+        return self.encoded(data)
 
     def encoded(self, data: dict) -> bytes:
         """The client's SSE event for the engine's chunk (parsed); b"" where the client gets none."""
