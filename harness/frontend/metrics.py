@@ -57,13 +57,23 @@ class FrontendMetrics:
                                  ["model", "worker"], registry=r)
         self.kv_overlap = Counter("disagg_frontend_kv_overlap_blocks", "Of the routed blocks, the leading ones the "
                                   "chosen worker was predicted to hold", ["model", "worker"], registry=r)
+        self._in_flight: dict[str, Gauge] = {}  # labelled children, by model
+        self._routed: dict[tuple[str, str], Counter] = {}  # by (model, mode)
+
+    def in_flight_of(self, model: str):
+        """The model's in-flight gauge, its labelled child kept: every request moves it twice."""
+        if (child := self._in_flight.get(model)) is None:
+            child = self._in_flight[model] = self.in_flight.labels(model)
+        return child
 
     def error(self, model: str, kind: str) -> None:
         assert kind in ERROR_KINDS, kind
         self.errors.labels(model, kind).inc()
 
     def routed(self, model: str, mode: str) -> None:
-        self.requests.labels(model, mode).inc()
+        if (child := self._routed.get((model, mode))) is None:
+            child = self._routed[model, mode] = self.requests.labels(model, mode)
+        child.inc()
 
     def kv_selected(self, model: str, worker: str, blocks: int, overlap: int) -> None:
         self.kv_routed.labels(model, worker).inc(blocks)

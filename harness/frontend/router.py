@@ -198,6 +198,7 @@ class RoutedEngine:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
         self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=5.0)
         self._instances: dict[str, Instance] = {}
+        self._pools: dict[tuple[str, ...], tuple[Instance, ...]] = {}  # instances(), by roles
         self._lock = threading.Lock()
         # One round-robin turn per pool: with one shared turn, a request's prefill pick and decode
         # pick took every other turn, and with one prefill and two decoders every decode went to
@@ -214,10 +215,12 @@ class RoutedEngine:
     def add(self, instance: Instance) -> None:
         with self._lock:
             self._instances[instance.key] = instance
+            self._pools = {}
 
     def remove(self, key: str) -> None:
         with self._lock:
             self._instances.pop(key, None)
+            self._pools = {}
         self.kv.forget(key)
 
     def in_flight(self) -> list[tuple[str, str, int]]:
@@ -231,13 +234,18 @@ class RoutedEngine:
             k for k in known if role_of[k] != "prefill"})]
         return out
 
-    def instances(self, *roles: str) -> list[Instance]:
+    def instances(self, *roles: str) -> tuple[Instance, ...]:
+        """The workers in these roles (all without roles). Every request asks this twice or three
+        times; membership changes seldom, so each pool is built once per change."""
+        if (pool := self._pools.get(roles)) is not None:
+            return pool
         with self._lock:
-            return [i for i in self._instances.values() if not roles or i.role in roles]
+            pool = self._pools[roles] = tuple(i for i in self._instances.values() if not roles or i.role in roles)
+            return pool
 
     # ---- selection
 
-    def _pick(self, candidates: list[Instance], blocks: list[str], pool: str) -> Instance:
+    def _pick(self, candidates: tuple[Instance, ...], blocks: list[str], pool: str) -> Instance:
         if self.selection == "kv":
             keys = [c.key for c in candidates]
             best = self.kv.best(keys, blocks, self.load)

@@ -107,7 +107,7 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
             return error(404, f"model {body.get('model')!r} is not served here; see /v1/models", "NotFoundError")
         if body.get("n", 1) != 1:
             return error(400, "n > 1 is not supported by this frontend")
-        in_flight = metrics.in_flight.labels(model.name)
+        in_flight = metrics.in_flight_of(model.name)
         in_flight.inc()
         try:
             return await serve_model(request, model, body, chat)
