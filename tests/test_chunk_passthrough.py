@@ -103,7 +103,7 @@ def test_a_run_the_one_edit_path_cannot_be_certain_of_still_reaches_the_client_a
 
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_a_run_already_in_the_clients_shape_leaves_as_it_came(include_usage):
-    """An engine whose chunk id is `cmpl-<X-Request-Id>` (the fake engine; vLLM before 0.32) and
+    """An engine whose chunk id is `cmpl-<X-Request-Id>` (the fake engine's) and
     whose model name is the served one: nothing to edit, so the engine's bytes are the client's."""
     args = {"model": "tiny-llama", "request_id": "req-1", "include_usage": include_usage}
     shape = CompletionShape(**args)

@@ -446,8 +446,8 @@ class RoutedEngine:
                 watchdog.last = now()
                 buf = pending + data if pending else data
                 if fast:  # this runs on every read of every stream: PARSED_MARKS spelled out
-                    end = buf.rfind(b"\n\n") + 2
-                    events = buf[:end]
+                    end = len(buf) if buf.endswith(b"\n\n") else buf.rfind(b"\n\n") + 2
+                    events = buf if end == len(buf) else buf[:end]
                     if end > 1 and not (b'"error"' in events or b'"usage"' in events or b'_transfer_params"' in events
                                         or b"[DONE]" in events):
                         pending = buf[end:]

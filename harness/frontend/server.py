@@ -202,6 +202,9 @@ async def stream(request: web.Request, headers: dict[str, str], items: AsyncIter
             gathered.append(DONE)
     finally:
         await items.aclose()
+    # The end of the body in a write of its own: one write for it and the last tokens measured
+    # worse at C=1 (TTFT p50 2.42 against 2.24 ms, 12 rounds each; the client's next request then
+    # met this one's tail work), though it saves a syscall.
     if gathered:
         await resp.write(b"".join(gathered))
     await resp.write_eof()

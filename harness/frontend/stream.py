@@ -8,8 +8,8 @@ skipped when the stream is folded into a response.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import orjson
 
@@ -27,7 +27,7 @@ class Annotated:
     data: Any = None
     id: str | None = None
     event: str | None = None
-    comment: list[str] = field(default_factory=list)
+    comment: Sequence[str] = ()  # an immutable default: the relay makes an item per engine read
     error: str | None = None
     # Token chunks as the engine sent them: whole SSE events (`data: {...}` and a blank line each),
     # unparsed, in order, where the relay passes them through for a consumer that asked for that
