@@ -293,3 +293,17 @@ def test_round_robin_spreads_decodes_over_every_decoder_with_one_prefill(cluster
                        "two decoders")
     workers = [complete(cluster).headers["x-disagg-decode-worker"] for _ in range(4)]
     assert len(set(workers)) == 2 and workers[0] != workers[1] and workers[:2] == workers[2:], workers
+
+
+def test_a_decode_that_never_answers_gets_the_client_a_502_naming_it_within_the_timeout(make_cluster, fake_engines):
+    """A decode that takes the request and sends nothing, not even its headers: the client waits
+    the frontend's timeout, not forever, and is told which worker did not answer."""
+    cluster = make_cluster(timeout_s=1.0)
+    decode = fake_engines("decode", answer_delay_s=30.0)
+    serve(cluster, fake_engines("prefill"), decode)
+    started = time.monotonic()
+    resp = complete(cluster, stream=True, max_tokens=2)
+    took = time.monotonic() - started
+    assert resp.status_code == 502, resp.text
+    assert decode.url in resp.json()["error"]["message"] and "1 s" in resp.json()["error"]["message"], resp.text
+    assert took < 2.9, f"the client waited {took:.1f} s, not the 1 s timeout"
