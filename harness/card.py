@@ -229,6 +229,11 @@ class ModelCard:
 
     # ---- access
 
+    @property
+    def role(self) -> str:
+        """The worker's role as the card states it; a card without one is an aggregated worker's."""
+        return self.worker_type.value if self.worker_type else "aggregated"
+
     def slot(self, key: str) -> Slot | None:
         return next((s for s in self.slots if s.key == key), None)
 

@@ -214,10 +214,9 @@ def source_dir(card: ModelCard) -> Path | None:
 def unique_labels(records: list[CardRecord]) -> list[str]:
     """A label per record, distinct even when two records share a name and role."""
     def base(r: CardRecord) -> str:
-        role = r.card.worker_type.value if r.card.worker_type else "aggregated"
         if r.origin.endswith(".json") and r.namespace is None:
             return Path(r.origin).stem
-        return f"{r.card.slug or 'unnamed'}-{role}"
+        return f"{r.card.slug or 'unnamed'}-{r.card.role}"
 
     labels, seen = [], {}
     for r in records:

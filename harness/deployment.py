@@ -204,8 +204,7 @@ class Deployment:
             # Known absent only where the run sees the workers (engine URLs or the cards in
             # discovery) and none is a prefill; where it cannot tell, the check runs and the
             # router's own routing report decides.
-            roles = {r.split(":")[0] for r in self.engines} | {c.card.worker_type.value if c.card.worker_type else "aggregated"
-                                         for c in self.cards}
+            roles = {r.split(":")[0] for r in self.engines} | {c.card.role for c in self.cards}
             seen = bool(self.engines) or bool(self.cards)
             return need.lacking(f"it shows {sorted(roles)}") if seen and "prefill" not in roles else None
         if need is ev.FRONTEND_METRICS:

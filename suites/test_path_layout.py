@@ -89,8 +89,7 @@ def test_local_dir_holds_every_metadata_sibling_of_its_source(deployment, card_u
 def test_prefill_and_decode_cards_of_one_name_get_different_local_dirs(deployment):
     by_name: dict[str, dict[str, Path]] = {}
     for c in deployment.cards:
-        role = c.card.worker_type.value if c.card.worker_type else "aggregated"
-        by_name.setdefault(c.card.display_name, {})[role] = deployment.local_dir(c)
+        by_name.setdefault(c.card.display_name, {})[c.card.role] = deployment.local_dir(c)
     pairs = {name: dirs for name, dirs in by_name.items() if {"prefill", "decode"} <= set(dirs)}
     if not pairs:
         pytest.skip(f"needs a prefill and a decode card of one model; the cards are {sorted(by_name)} with roles "
