@@ -231,10 +231,15 @@ def sglang_protocol(exchanges: dict[str, list[Exchange]]) -> bool:
     return any("bootstrap_room" in (e.body or {}) for role in ("prefill", "decode") for e in exchanges.get(role, []))
 
 
+def pulls_kv_from_a_prefill(e: Exchange) -> bool:
+    """A decode request carrying vLLM's kv_transfer_params with do_remote_prefill (SPEC §4.1)."""
+    body = e.body if isinstance(e.body, dict) else {}
+    return bool((body.get("kv_transfer_params") or {}).get("do_remote_prefill"))
+
+
 def disaggregated_decode(e: Exchange) -> bool:
     """A decode request told where to pull its KV from: vLLM's kv_transfer_params, or SGLang's room."""
-    body = e.body if isinstance(e.body, dict) else {}
-    return bool((body.get("kv_transfer_params") or {}).get("do_remote_prefill")) or "bootstrap_room" in body
+    return pulls_kv_from_a_prefill(e) or (isinstance(e.body, dict) and "bootstrap_room" in e.body)
 
 
 def served_aggregated(exchanges: dict[str, list[Exchange]]) -> bool:
@@ -340,7 +345,7 @@ def check_a_prefill_without_kv_transfer_params_is_an_error_not_a_recompute(deplo
     if sglang_protocol(got):
         pytest.skip("needs a router speaking vLLM's protocol (SPEC §4.1): this one sent SGLang's bootstrap room "
                     "(§4.2), where the KV moves by the room, and no kv_transfer_params exist to leave out")
-    recomputed = [e for e in got["decode"] if not ((e.body or {}).get("kv_transfer_params") or {}).get("do_remote_prefill")]
+    recomputed = [e for e in got["decode"] if not pulls_kv_from_a_prefill(e)]
     assert not recomputed, (
         f"the prefill returned no kv_transfer_params, and the router sent the decode "
         f"{[describe(e)['kv_transfer_params'] for e in recomputed]} as kv_transfer_params: the decode recomputed the "

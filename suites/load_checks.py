@@ -31,7 +31,7 @@ from harness.engines.metrics import Metrics, kv_sources
 from harness.kv_geometry import blocks_for
 from harness.openai_client import OpenAIEndpoint, routing_mode, token_ids_of
 from suites.disagg_checks import fresh_prompt
-from suites.interposed_checks import eos_ignored, kv_handed_over, kv_lease_s, marks
+from suites.interposed_checks import eos_ignored, kv_handed_over, kv_lease_s, marks, pulls_kv_from_a_prefill
 
 CONCURRENCY = 16
 REQUESTS = 64
@@ -210,7 +210,7 @@ def check_a_burst_is_accounted_for_exactly(deployment: Deployment, concurrency: 
     numbers["modes"] = sorted(modes)
     if modes == {"unknown"} and "decode" in deployment.interposed:  # the relay saw what the frontend does not say
         pulled = [e for e in deployment.interposed["decode"].exchanges(relay_marks["decode"])
-                  if ((e.body or {}).get("kv_transfer_params") or {}).get("do_remote_prefill")]
+                  if pulls_kv_from_a_prefill(e)]
         numbers["decode_requests_with_kv_to_pull"] = len(pulled)
         modes = {"disaggregated"} if len(pulled) == requests else modes
     if modes != {"disaggregated"}:
