@@ -29,16 +29,25 @@ def fresh_prompt(n_words: int, seed: bytes | None = None) -> str:
     return f"Request {raw.hex()[:12]}: " + " ".join(words) + "."
 
 
-def warm_directly(engine_url: str, path: str, body: dict) -> None:
-    """Send a request to an engine's own OpenAI server, bypassing the frontend, so that its prefix
-    cache holds the prompt. Skips when the URL serves no OpenAI API (it may be a metrics port)."""
+def post_directly(engine_url: str, path: str, body: dict) -> requests.Response:
+    """A request to an engine's own OpenAI server, bypassing the frontend, and its answer. Skips
+    when the URL serves no OpenAI API (it may be a metrics port)."""
     try:
         resp = requests.post(f"{engine_url}{path}", json=body, timeout=180)
     except requests.RequestException as exc:
         pytest.skip(ev.ENGINE_OPENAI.lacking(f"{engine_url}{path}: {type(exc).__name__}"))
     if resp.status_code in (404, 405):
         pytest.skip(ev.ENGINE_OPENAI.lacking(f"{engine_url}{path} answered HTTP {resp.status_code} {resp.text[:60]!r}"))
+    return resp
+
+
+def assert_warmed(engine_url: str, path: str, resp: requests.Response) -> None:
     assert resp.status_code == 200, f"warming {engine_url}{path} directly: HTTP {resp.status_code}: {resp.text[:300]}"
+
+
+def warm_directly(engine_url: str, path: str, body: dict) -> None:
+    """`post_directly`, so that the engine's prefix cache holds the prompt."""
+    assert_warmed(engine_url, path, post_directly(engine_url, path, body))
 
 
 def need_metrics(metrics: Metrics, *quantities: str) -> None:

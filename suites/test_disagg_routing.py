@@ -16,8 +16,8 @@ from harness import evidence as ev
 from harness.cluster import Cluster
 from harness.engines.metrics import Metrics, kv_sources
 from harness.openai_client import comparable_by, output, routing_mode
-from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, fresh_prompt, need_kv_sources,
-                                  need_metrics, warm_directly)
+from suites.disagg_checks import (assert_computed_locally, assert_kv_moved, assert_warmed, fresh_prompt,
+                                  need_kv_sources, need_metrics, post_directly)
 from suites.interposed_checks import disaggregated_decode, eos_ignored, marks, seen
 from suites.planted_frontends import start_planted
 
@@ -200,17 +200,13 @@ def warm_prefill(disagg, prompt: str) -> str:
     exports its cache-hit counter from its first hit on); its decode keeps no prefix cache in
     disaggregation, so what the decode reports cannot stand in for the prefill's hits."""
     body = {"model": disagg.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
-    try:
-        direct = requests.post(f"{disagg.url('prefill')}/v1/completions", json=body, timeout=180)
-    except requests.RequestException:
-        direct = None
-    if direct is not None and direct.status_code == 400 and "bootstrap room" in direct.text:
+    direct = post_directly(disagg.url("prefill"), "/v1/completions", body)  # skips where it serves no OpenAI API
+    if direct.status_code == 400 and "bootstrap room" in direct.text:
         for _ in range(2):
             resp = disagg.endpoint().complete(prompt, max_tokens=1)
             assert resp.status_code == 200, f"warming through the deployment: HTTP {resp.status_code} {resp.text[:200]}"
         return "through the deployment: the prefill takes only bootstrap requests"
-    if direct is None or direct.status_code != 200:
-        warm_directly(disagg.url("prefill"), "/v1/completions", body)  # skips or fails, naming why
+    assert_warmed(disagg.url("prefill"), "/v1/completions", direct)
     return "directly"
 
 
