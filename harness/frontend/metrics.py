@@ -57,27 +57,28 @@ class FrontendMetrics:
                                  ["model", "worker"], registry=r)
         self.kv_overlap = Counter("disagg_frontend_kv_overlap_blocks", "Of the routed blocks, the leading ones the "
                                   "chosen worker was predicted to hold", ["model", "worker"], registry=r)
-        self._in_flight: dict[str, Gauge] = {}  # labelled children, by model
-        self._routed: dict[tuple[str, str], Counter] = {}  # by (model, mode)
+        self._children: dict[tuple, Gauge | Counter] = {}  # (metric, labels) -> its labelled child
 
-    def in_flight_of(self, model: str):
-        """The model's in-flight gauge, its labelled child kept: every request moves it twice."""
-        if (child := self._in_flight.get(model)) is None:
-            child = self._in_flight[model] = self.in_flight.labels(model)
-        return child
+    def child(self, metric: Gauge | Counter, *labels: str) -> Gauge | Counter:
+        """The metric's child for these labels, kept: every request moves a few of them, and
+        `labels()` looks one up under a lock each time."""
+        if (found := self._children.get((metric, labels))) is None:
+            found = self._children[metric, labels] = metric.labels(*labels)
+        return found
+
+    def in_flight_of(self, model: str) -> Gauge:
+        return self.child(self.in_flight, model)
 
     def error(self, model: str, kind: str) -> None:
         assert kind in ERROR_KINDS, kind
-        self.errors.labels(model, kind).inc()
+        self.child(self.errors, model, kind).inc()
 
     def routed(self, model: str, mode: str) -> None:
-        if (child := self._routed.get((model, mode))) is None:
-            child = self._routed[model, mode] = self.requests.labels(model, mode)
-        child.inc()
+        self.child(self.requests, model, mode).inc()
 
     def kv_selected(self, model: str, worker: str, blocks: int, overlap: int) -> None:
-        self.kv_routed.labels(model, worker).inc(blocks)
-        self.kv_overlap.labels(model, worker).inc(overlap)
+        self.child(self.kv_routed, model, worker).inc(blocks)
+        self.child(self.kv_overlap, model, worker).inc(overlap)
 
     def watch(self, manager: "ModelManager") -> None:
         """Report what the manager's routers have open on each worker, read at scrape time."""
