@@ -79,7 +79,8 @@ def cut(stream: bytes, at: list[int]) -> list[bytes]:
 
 
 @pytest.mark.parametrize("served", ["tiny-llama", "another-name"])
-@pytest.mark.parametrize("engine_id", ["cmpl-req-1", "cmpl-abc-0-1f", 'cmpl-\\"q'], ids=["ours", "the-engines", "escaped"])
+@pytest.mark.parametrize("engine_id", ["cmpl-req-1", "cmpl-abc-0-1f", 'cmpl-\\"q'],
+                         ids=["ours", "the-engines", "escaped"])
 @pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "usage"])
 def test_every_cut_of_the_stream_into_reads_reaches_the_client_as_the_parsed_path_makes_it(engine_id, usage, served):
     stream = engine_stream(engine_id, 12, usage)

@@ -126,7 +126,8 @@ def create_app(manager: ModelManager, allow_remote_media: bool = False, watcher:
         if chat and "max_completion_tokens" in body:
             engine_body["max_tokens"] = body["max_completion_tokens"]
         request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
-        streamed, include_usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+        streamed = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
             # The engine's usage only where the client gets it: a streamed answer without usage
             # then passes through as the engine's bytes to the end, and the engine writes one chunk less.
