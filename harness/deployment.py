@@ -32,6 +32,7 @@ from harness.engines.profiles import ROLES, EngineProfile
 from harness.interposer import InterposedEngine, Interposer, handle
 from harness.kv_geometry import model_kv_block_bytes
 from harness.openai_client import MODE_HEADER, OpenAIEndpoint
+from harness.warm_up import warm_up
 
 EMBEDDED = "embedded"
 FOREIGN = "foreign"
@@ -125,6 +126,8 @@ class Deployment:
     interposed: dict[str, InterposedEngine] = field(default_factory=dict)  # role -> the relay in front of it
     frontend_command: list[str] | None = None  # --frontend-cmd, as started
     model_dir: Path | None = None  # the served model's dir, where this run knows it (its KV geometry)
+    # embedded only: the first disaggregated request's failed tries (harness/warm_up.py), for the report
+    warm_up_failures: list[dict] = field(default_factory=list)
     _interposers: dict[str, Interposer] = field(default_factory=dict, repr=False)  # the relays this run started
     _endpoints: dict[str, OpenAIEndpoint] = field(default_factory=dict, repr=False)
     _versions: dict[str, str | None] = field(default_factory=dict, repr=False)
@@ -261,6 +264,7 @@ class Deployment:
             "cache_root": str(self.cache_root) if self.cache_root else None,
             "interposed": {role: {"url": i.url, "upstream": i.upstream, "control_url": i.control_url}
                            for role, i in self.interposed.items()},
+            "warm_up_failures": self.warm_up_failures,
             "frontend_returns_token_ids": probed.returns_token_ids if probed else None,
             "frontend_dialect": probed.dialect if probed else None,
             "cards": [{"label": c.label, "display_name": c.card.display_name, "mode": c.mode,
@@ -405,6 +409,8 @@ def start_embedded(profile: EngineProfile, model_dir: Path, log_dir: Path, pytho
              f"discovery: {deployment.discovery})")
     try:
         deployment.launch(ROLES, progress)
+        deployment.warm_up_failures = warm_up(cluster.url, SERVED_NAME, deployment.engines,
+                                              profile.request_timeout_s, progress)
         deployment.cards = cards_from_records([CardRecord(f"{deployment.discovery} key {key}", entry.model_card())
                                                for key, entry in cluster.store.entries().items()])
     except BaseException:

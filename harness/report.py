@@ -133,6 +133,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not_run:
         lines.append("- Profiles this host cannot run (their checks skipped, one row each below): "
                      + ", ".join(f"{u['profile']} ({u['checks']} checks)" for u in not_run))
+    for s in d.get("deployments") or []:  # the harness's own first request, retried (harness/warm_up.py)
+        if s.get("warm_up_failures"):
+            lines.append(f"- Warm-up of {_md_escape(s['label'])}: the first request failed "
+                         f"{len(s['warm_up_failures'])} time(s) before one succeeded: "
+                         + _md_escape("; ".join(f["answer"][:160] for f in s["warm_up_failures"])))
     lines.append("")
     if d.get("engines"):
         lines += ["## Engines", "", "| name | role | deployment | url | version |", "|---|---|---|---|---|"]

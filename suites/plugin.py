@@ -238,7 +238,7 @@ def _serving_key(described: dict) -> tuple:
 def _serving_summary(described: dict) -> dict:
     return {"label": serving_label(described), "kind": described.get("kind"), "profile": described.get("profile"),
             "frontend_url": (described.get("frontend") or {}).get("url"), "model": described.get("model"),
-            "discovery": described.get("discovery")}
+            "discovery": described.get("discovery"), "warm_up_failures": described.get("warm_up_failures") or []}
 
 
 def add_engines(engines: dict[tuple, dict], described: dict) -> None:
