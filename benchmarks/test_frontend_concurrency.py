@@ -11,6 +11,12 @@ engines do not tokenize, and vllm-router passes a text prompt through to them un
 concurrency the arms run in several rounds, alternating their order (ABCD, DCBA, ...), so machine
 noise hits all of them. Written to reports/frontend_concurrency.{json,md,png}.
 
+The host's speed drifts within a run (seen on one run: the floor's C=1 TTFT p50 per round from
+1.26 to 2.11 ms), and a round's arms run side by side. So the targets against vllm-router are
+judged round by round, each arm against the others of its own round, and the verdict is the
+median over the rounds; the report says in how many rounds each was met. Issue 10's targets,
+with wide margins, are judged on the figures pooled over all rounds, as before.
+
 Targets, as ratios from the same run. Issue 10's, against direct: C=1 added TTFT p50 <= 1 ms;
 C=16 tokens/s >= 0.5x direct and TTFT p50 <= 3x direct; a target the floor itself misses on this
 machine is reported as not attainable here, with both figures, rather than failed. Issue 17's,
@@ -43,8 +49,8 @@ from harness.worker.registration import WorkerRegistration
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = tuple(int(c) for c in os.environ.get("DISAGG_BENCH_CONCURRENCY", "1,16,64").split(","))
-ROUNDS = int(os.environ.get("DISAGG_BENCH_ROUNDS", "3"))
-REQUESTS = {1: 600, 16: 400, 64: 640}  # per arm and round (C=1: p50s 0.3 ms apart need many)
+ROUNDS = int(os.environ.get("DISAGG_BENCH_ROUNDS", "7"))  # a median over rounds: an odd count
+REQUESTS = {1: 400, 16: 400, 64: 640}  # per arm and round
 TOKENS = 64
 ARMS = ("direct", "floor", "vllm-router", "frontend")
 TARGETS = {  # name -> (concurrency, what, limit), ratios to direct
@@ -144,10 +150,13 @@ def load(url: str, arm: str, concurrency: int, requests: int) -> dict:
 
 
 def summarize(runs: list[dict]) -> dict:
+    """One arm at one concurrency: pooled over its rounds, and each round's own p50 and tokens/s."""
     ttfts = sorted(t for r in runs for t in r["ttfts_s"])
     return {"ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
-            "requests": sum(r["requests"] for r in runs), "rounds": len(runs)}
+            "requests": sum(r["requests"] for r in runs), "rounds": len(runs),
+            "per_round": [{"ttft_p50_s": statistics.median(r["ttfts_s"]), "tokens_per_s": r["tokens"] / r["wall_s"]}
+                          for r in runs]}
 
 
 def measure_all(urls: dict[str, str]) -> dict[int, dict[str, dict]]:
@@ -163,27 +172,49 @@ def measure_all(urls: dict[str, str]) -> dict[int, dict[str, dict]]:
 
 
 def against_the_peer(table: dict, c: int, what: str) -> dict | None:
-    """The frontend against vllm-router at C=c: tokens/s at least its, or TTFT p50 added over direct
-    at most its (within FLOOR_SLACK_S of the floor's where the floor misses vllm-router's too)."""
+    """The frontend against vllm-router at C=c, judged on paired figures, each arm against the
+    others of its own round: tokens/s at least vllm-router's (the median over rounds of the
+    frontend's ratio to it), or TTFT p50 added over that round's direct at most vllm-router's (the
+    median of their difference), or within FLOOR_SLACK_S of the floor's where the floor misses
+    vllm-router's too. The figures shown are each arm's median over rounds; `rounds_met` counts
+    the rounds that met the target on their own."""
     if c not in table:
         return None
-    arms, direct = table[c], table[c]["direct"]["ttft_p50_s"]
+    rounds = [round_figures({arm: table[c][arm]["per_round"][r] for arm in ARMS}, what)
+              for r in range(len(table[c]["direct"]["per_round"]))]
+    arms = ("frontend", "vllm-router", "floor")
+    median = {arm: statistics.median(r[arm] for r in rounds) for arm in arms}
     if what == "tps":
-        frontend, peer = arms["frontend"]["tokens_per_s"], arms["vllm-router"]["tokens_per_s"]
-        met = frontend >= peer
-        return {"unit": "tokens/s", "frontend": frontend, "vllm-router": peer, "floor": arms["floor"]["tokens_per_s"],
-                "frontend_vs_peer": frontend / peer, "verdict": "met" if met else "missed"}
-    added = {arm: arms[arm]["ttft_p50_s"] - direct for arm in ("frontend", "vllm-router", "floor")}
-    if added["frontend"] <= added["vllm-router"]:
-        verdict = "met"
-    elif added["floor"] > added["vllm-router"]:
-        verdict = ("met within the floor's slack" if added["frontend"] <= added["floor"] + FLOOR_SLACK_S
-                   else "missed: more than 0.2 ms over the floor, which misses vllm-router too")
+        vs_peer = statistics.median(r["frontend"] / r["vllm-router"] for r in rounds)
+        verdict = "met" if vs_peer >= 1 else "missed"
     else:
-        verdict = "missed"
-    return {"unit": "ms added", **{k: v * 1e3 for k, v in added.items()},
-            "frontend_vs_peer": added["frontend"] / added["vllm-router"] if added["vllm-router"] > 0 else None,
-            "verdict": verdict}
+        vs_peer = statistics.median(r["frontend"] - r["vllm-router"] for r in rounds)
+        verdict = judge_added(vs_peer, statistics.median(r["floor"] - r["vllm-router"] for r in rounds),
+                              statistics.median(r["frontend"] - r["floor"] for r in rounds))
+    met = sum(1 for r in rounds if (r["frontend"] >= r["vllm-router"] if what == "tps" else judge_added(
+        r["frontend"] - r["vllm-router"], r["floor"] - r["vllm-router"], r["frontend"] - r["floor"]).startswith("met")))
+    return {"unit": "tokens/s" if what == "tps" else "ms added", **median,
+            "frontend_vs_peer": vs_peer, "paired": "ratio" if what == "tps" else "ms more than vllm-router",
+            "verdict": verdict, "rounds_met": f"{met} of {len(rounds)}", "per_round": rounds}
+
+
+def round_figures(arms: dict[str, dict], what: str) -> dict[str, float]:
+    """One round's figure per relay arm: tokens/s, or ms of TTFT p50 added over that round's direct."""
+    if what == "tps":
+        return {arm: arms[arm]["tokens_per_s"] for arm in ("frontend", "vllm-router", "floor")}
+    direct = arms["direct"]["ttft_p50_s"]
+    return {arm: (arms[arm]["ttft_p50_s"] - direct) * 1e3 for arm in ("frontend", "vllm-router", "floor")}
+
+
+def judge_added(over_peer_ms: float, floor_over_peer_ms: float, over_floor_ms: float) -> str:
+    """The C=1 verdict from the frontend's added TTFT over vllm-router's, the floor's over
+    vllm-router's, and the frontend's over the floor's (ms)."""
+    if over_peer_ms <= 0:
+        return "met"
+    if floor_over_peer_ms > 0:
+        return ("met within the floor's slack" if over_floor_ms <= FLOOR_SLACK_S * 1e3
+                else "missed: more than 0.2 ms over the floor, which misses vllm-router too")
+    return "missed"
 
 
 def ratio(table: dict, c: int, arm: str, what: str) -> float:
@@ -214,11 +245,15 @@ def write_report(table: dict, verdicts: dict, peer: dict, out: Path) -> None:
     lines += ["", "| target | limit | frontend | floor | verdict |", "|---|---:|---:|---:|---|"]
     for name, v in verdicts.items():
         lines.append(f"| {name} | {v['limit']} | {v['frontend']:.2f} | {v['floor']:.2f} | {v['verdict']} |")
-    lines += ["", "Against vllm-router 0.1.17 in the same run:", "",
-              "| target | unit | frontend | vllm-router | floor | verdict |", "|---|---|---:|---:|---:|---|"]
+    lines += ["", f"Against vllm-router 0.1.17 in the same run, round by round: each arm's figure is its median over "
+              f"the {ROUNDS} rounds (TTFT added over the same round's direct); the verdict is judged on the paired "
+              "figure, the median over rounds of the frontend against vllm-router in the same round.", "",
+              "| target | unit | frontend | vllm-router | floor | paired: frontend vs vllm-router | verdict | "
+              "rounds met |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for name, v in peer.items():
+        paired = f"{v['frontend_vs_peer']:.3f}x" if v["paired"] == "ratio" else f"{v['frontend_vs_peer']:+.2f} ms"
         lines.append(f"| {name} | {v['unit']} | {v['frontend']:.2f} | {v['vllm-router']:.2f} | {v['floor']:.2f} | "
-                     f"{v['verdict']} |")
+                     f"{paired} | {v['verdict']} | {v['rounds_met']} |")
     lines += ["", "![relay cost](frontend_concurrency.png)", ""]
     (out / "frontend_concurrency.md").write_text("\n".join(lines))
 
