@@ -38,11 +38,14 @@ class Resp:
         pass
 
 
-def engine_stream(engine_id: str, tokens: int, usage: bool) -> bytes:
+def engine_stream(engine_id: str, tokens: int, usage: bool, transfer: bool = False) -> bytes:
+    """`transfer`: the last token chunk carries kv_transfer_params, which the client must not see."""
     events = [{"id": engine_id, "object": "text_completion", "created": 1, "model": "tiny-llama",
                "choices": [{"index": 0, "text": f" t{k}", "logprobs": None,
                             "finish_reason": "length" if k == tokens - 1 else None, "stop_reason": None,
                             "prompt_token_ids": None, "token_ids": None}]} for k in range(tokens)]
+    if transfer:
+        events[-1]["kv_transfer_params"] = {"do_remote_prefill": True, "remote_block_ids": [[0]]}
     if usage:
         events.append({"id": engine_id, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": tokens}})
     return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
@@ -89,6 +92,19 @@ def test_every_cut_of_the_stream_into_reads_reaches_the_client_as_the_parsed_pat
     cuts = [[], [len(stream) // 2]] + [rng.sample(range(1, len(stream)), k) for k in (1, 2, 5, 30) for _ in range(25)]
     for at in cuts:
         out, _ = relayed(cut(stream, at), usage, served)
+        assert out == expected, f"reads cut at {sorted(at)}"
+
+
+@pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "usage"])
+def test_a_token_chunk_with_transfer_params_before_the_usage_chunk_is_parsed_however_the_reads_fall(usage):
+    # The relay cuts a read at its first marked event, by position: the transfer params come
+    # before usage here, though usage is the mark it looks for first.
+    stream = engine_stream("cmpl-abc-0-1f", 12, usage, transfer=True)
+    expected = parsed_path(stream, usage)
+    assert b"transfer_params" not in expected
+    rng = random.Random(23)
+    for at in [[], [len(stream) // 3]] + [rng.sample(range(1, len(stream)), k) for k in (1, 2, 5) for _ in range(25)]:
+        out, _ = relayed(cut(stream, at), usage)
         assert out == expected, f"reads cut at {sorted(at)}"
 
 
