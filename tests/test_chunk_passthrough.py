@@ -92,7 +92,8 @@ def test_a_run_of_token_events_passes_through_as_the_parsed_path_would_shape_eac
     b"\n" + events(vllm_chunk(" a")),  # the blank line of an event cut at a read boundary
     events(vllm_chunk(" a"), json.dumps(orjson.loads(vllm_chunk(" b"))).encode()),  # another layout
     events(vllm_chunk(" a", token_ids=[7])),  # ids the client did not ask for
-], ids=["other-id", "comment", "leading-blank", "spaced", "token-ids"])
+    events(vllm_chunk(" a").replace(b'"prompt_token_ids":null', b'"prompt_token_ids":[1,2]')),  # its prompt's too
+], ids=["other-id", "comment", "leading-blank", "spaced", "token-ids", "prompt-token-ids"])
 def test_a_run_the_one_edit_path_cannot_be_certain_of_still_reaches_the_client_as_the_parsed_path_makes_it(run):
     args = {"model": "another-name", "request_id": "r", "include_usage": False}
     shape = CompletionShape(**args)

@@ -302,7 +302,9 @@ class CompletionShape:
         start = self._engine_start
         if start is None or not events.startswith(start):
             return None
-        if not self.token_ids and (ids := events.count(b'token_ids"')) and events.count(b'token_ids":null') != ids:
+        # Token ids the client did not ask for, as a list: the run's ids are null or absent else
+        # (one pass; the run opens with the engine's compact id, so it is compact JSON).
+        if not self.token_ids and b'token_ids":[' in events:
             return None
         # Each event after the first opens where one ends: `}`, the blank line, the engine's id.
         # Where those n-1 seams and the last event's end hold every newline of the run, it is n
