@@ -87,3 +87,9 @@ class Cluster:
 
     def wait_for_roles(self, roles: set[str], timeout_s: float = 60.0) -> None:
         self.wait_until(lambda c: c.roles_served() == roles, f"frontend serving exactly {sorted(roles)}", timeout_s)
+
+    def serve(self, *engines: Any) -> None:
+        """Register each engine and wait until the frontend serves exactly their roles."""
+        for engine in engines:
+            self.register(engine)
+        self.wait_for_roles({e.role for e in engines})

@@ -17,12 +17,6 @@ from harness.engines.metrics import Metrics
 PROMPT = list(range(1, 200))  # token ids: 6 blocks of 32 and a partial one
 
 
-def serve(cluster, *engines) -> None:
-    for engine in engines:
-        cluster.register(engine)
-    cluster.wait_for_roles({e.role for e in engines})
-
-
 def scrape(cluster) -> Metrics:
     return Metrics.scrape(cluster.url)
 
@@ -54,7 +48,7 @@ def wait_for(condition, what: str, timeout_s: float = 10.0):
 
 
 def test_metrics_is_prometheus_text_naming_the_frontend(cluster, fake_engines):
-    serve(cluster, fake_engines("prefill"), fake_engines("decode"))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode"))
     resp = requests.get(f"{cluster.url}/metrics", timeout=10)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     metrics = Metrics.parse(resp.text)
@@ -64,9 +58,9 @@ def test_metrics_is_prometheus_text_naming_the_frontend(cluster, fake_engines):
 
 def test_requests_are_counted_by_routing_mode(make_cluster, fake_engines):
     disagg = make_cluster()
-    serve(disagg, fake_engines("prefill"), fake_engines("decode"))
+    disagg.serve(fake_engines("prefill"), fake_engines("decode"))
     aggregated = make_cluster()
-    serve(aggregated, fake_engines("decode"))
+    aggregated.serve(fake_engines("decode"))
     for cluster in (disagg, aggregated):
         for _ in range(2):
             resp = requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT,
@@ -79,7 +73,7 @@ def test_requests_are_counted_by_routing_mode(make_cluster, fake_engines):
 
 def test_an_open_stream_is_in_flight_on_the_frontend_and_its_decode_worker_until_it_ends(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode", token_delay_s=0.02)
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     decode_key = next(i.key for i in cluster.frontend.manager.models["tiny"].engine.instances("decode"))
     client, ctx, lines = stream_open(cluster)
     try:
@@ -97,7 +91,7 @@ def test_an_open_stream_is_in_flight_on_the_frontend_and_its_decode_worker_until
 
 
 def test_a_client_that_leaves_mid_stream_is_no_longer_in_flight_and_is_counted_as_left(cluster, fake_engines):
-    serve(cluster, fake_engines("prefill"), fake_engines("decode", token_delay_s=0.05))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode", token_delay_s=0.05))
     client, ctx, _ = stream_open(cluster)
     ctx.__exit__(None, None, None)  # the client leaves after its first token
     client.close()
@@ -109,13 +103,13 @@ def test_a_client_that_leaves_mid_stream_is_no_longer_in_flight_and_is_counted_a
 
 def test_errors_are_counted_by_kind(make_cluster, fake_engines):
     failing_prefill = make_cluster()
-    serve(failing_prefill, fake_engines("prefill", fail_status=500), fake_engines("decode"))
+    failing_prefill.serve(fake_engines("prefill", fail_status=500), fake_engines("decode"))
     assert requests.post(f"{failing_prefill.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT,
                                                                         "max_tokens": 4}, timeout=30).status_code == 502
     assert sample(scrape(failing_prefill), "disagg_frontend_errors", kind="prefill_failed") == 1
 
     dying_decode = make_cluster()
-    serve(dying_decode, fake_engines("prefill"), fake_engines("decode", die_after_tokens=2))
+    dying_decode.serve(fake_engines("prefill"), fake_engines("decode", die_after_tokens=2))
     resp = requests.post(f"{dying_decode.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT,
                                                                      "max_tokens": 8}, timeout=30)
     assert resp.status_code == 502
@@ -127,7 +121,7 @@ def test_errors_are_counted_by_kind(make_cluster, fake_engines):
 
 def test_kv_aware_selection_counts_the_blocks_it_routed_and_those_the_worker_held(make_cluster, fake_engines):
     cluster = make_cluster(selection="kv")
-    serve(cluster, fake_engines("prefill"), fake_engines("decode"))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode"))
     for _ in range(2):
         assert requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT,
                                                                     "max_tokens": 2}, timeout=30).ok
@@ -141,7 +135,7 @@ def test_kv_aware_selection_counts_the_blocks_it_routed_and_those_the_worker_hel
 def test_the_planted_leak_keeps_an_aborted_stream_in_flight(make_cluster, fake_engines):
     """The planted frontend the abort storm must catch: it closes the stream but keeps counting it."""
     cluster = make_cluster(router=planted("leak_in_flight_on_aborted_streams"))
-    serve(cluster, fake_engines("prefill"), fake_engines("decode", token_delay_s=0.05))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode", token_delay_s=0.05))
     client, ctx, _ = stream_open(cluster)
     ctx.__exit__(None, None, None)
     client.close()

@@ -20,13 +20,6 @@ from suites.disagg_checks import assert_aborted, read_data_events, sse_error_mes
 PROMPT = "Hello, how are you today? The quick brown fox jumps over the lazy dog. " * 3
 
 
-def serve(cluster, *engines) -> None:
-    """Register the engines with the cluster's worker side and wait until the frontend routes to them."""
-    for engine in engines:
-        cluster.register(engine)
-    cluster.wait_for_roles({e.role for e in engines})
-
-
 def complete(cluster, **body) -> requests.Response:
     return requests.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8,
                                                                  **body}, timeout=30)
@@ -34,7 +27,7 @@ def complete(cluster, **body) -> requests.Response:
 
 def test_with_no_prefill_worker_the_request_goes_to_decode_unchanged(cluster, fake_engines):
     decode = fake_engines("decode")
-    serve(cluster, decode)
+    cluster.serve(decode)
     resp = complete(cluster)
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-disagg-mode"] == "aggregated"
@@ -45,7 +38,7 @@ def test_with_no_prefill_worker_the_request_goes_to_decode_unchanged(cluster, fa
 
 def test_the_prefill_gets_a_one_token_non_streaming_copy_with_remote_decode_params(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     resp = requests.post(
         f"{cluster.url}/v1/completions", headers={"X-Request-Id": "req-42"}, timeout=30,
         json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "min_tokens": 4, "stream": True,
@@ -63,7 +56,7 @@ def test_the_prefill_gets_a_one_token_non_streaming_copy_with_remote_decode_para
 
 def test_final_usage_reports_the_prefills_prompt_tokens_details(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     complete(cluster)
     usage = complete(cluster).json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] >= 32, "the prefill's prefix hit must reach the client"
@@ -72,7 +65,7 @@ def test_final_usage_reports_the_prefills_prompt_tokens_details(cluster, fake_en
 def test_a_worker_registered_as_aggregated_runs_its_requests_whole_even_beside_a_prefill_pool(cluster, fake_engines):
     """It has no KV connector to pull a prefill's blocks: a prefill for it would only pin them until their lease ends."""
     prefill, decode, aggregated = fake_engines("prefill"), fake_engines("decode"), fake_engines("aggregated")
-    serve(cluster, prefill, decode, aggregated)
+    cluster.serve(prefill, decode, aggregated)
     modes = {}
     for _ in range(4):
         resp = complete(cluster)
@@ -87,7 +80,7 @@ def test_a_worker_registered_as_aggregated_runs_its_requests_whole_even_beside_a
 def test_a_decode_stream_that_goes_quiet_for_the_timeout_ends_with_an_error_naming_it(make_cluster, fake_engines):
     """A hung engine mid-stream: the client gets an error event within about the timeout, not a hang."""
     cluster = make_cluster(timeout_s=1.0)
-    serve(cluster, fake_engines("prefill"), fake_engines("decode", token_delay_s=3.0))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode", token_delay_s=3.0))
     started = time.monotonic()
     resp = complete(cluster, stream=True, max_tokens=2)
     took = time.monotonic() - started
@@ -98,7 +91,7 @@ def test_a_decode_stream_that_goes_quiet_for_the_timeout_ends_with_an_error_nami
 
 def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_engines):
     prefill, decode = fake_engines("prefill", fail_status=500), fake_engines("decode")
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     resp = complete(cluster)
     assert resp.status_code == 502
     assert "prefill worker" in resp.json()["error"]["message"] and "HTTP 500" in resp.json()["error"]["message"]
@@ -107,7 +100,7 @@ def test_a_prefill_error_is_reported_and_not_retried_on_decode(cluster, fake_eng
 
 def test_a_prefill_without_kv_transfer_params_is_an_error(cluster, fake_engines):
     prefill, decode = fake_engines("prefill", omit_kv_transfer_params=True), fake_engines("decode")
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     resp = complete(cluster)
     assert resp.status_code == 502 and "no usable kv_transfer_params" in resp.json()["error"]["message"]
     assert decode.state.bodies == []
@@ -115,7 +108,7 @@ def test_a_prefill_without_kv_transfer_params_is_an_error(cluster, fake_engines)
 
 def test_a_decode_worker_that_dies_mid_stream_gives_the_client_an_error_event(cluster, fake_engines):
     decode = fake_engines("decode", die_after_tokens=3)
-    serve(cluster, decode)
+    cluster.serve(decode)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 50, "stream": True}) as resp:
         lines = [line for line in resp.iter_lines() if line]
@@ -126,7 +119,7 @@ def test_a_decode_worker_that_dies_mid_stream_gives_the_client_an_error_event(cl
 
 def test_a_non_streaming_request_to_a_dying_decode_is_a_502(cluster, fake_engines):
     decode = fake_engines("decode", die_after_tokens=3)
-    serve(cluster, decode)
+    cluster.serve(decode)
     resp = complete(cluster, max_tokens=50)
     assert resp.status_code == 502 and "decode worker" in resp.json()["error"]["message"]
 
@@ -146,7 +139,7 @@ def leave_mid_stream(cluster, decode, max_tokens: int = 200) -> tuple[Metrics, M
 
 def test_a_client_disconnect_aborts_the_decode_request(cluster, fake_engines):
     decode = fake_engines("decode", token_delay_s=0.02)
-    serve(cluster, decode)
+    cluster.serve(decode)
     before, after = leave_mid_stream(cluster, decode)
     assert decode.state.running == 0, "the decode request kept running after the client left"
     assert decode.state.counters["aborted"] == 1 and decode.state.counters["generated"] < 200
@@ -157,7 +150,7 @@ def test_a_frontend_that_keeps_reading_the_decode_stream_fails_the_abort_check(m
     """The planted keep-alive (R6): the decode generates on for nobody, and both kinds of evidence see it."""
     cluster = make_cluster(router=planted("keep_decode_alive"))
     decode = fake_engines("decode", token_delay_s=0.002)
-    serve(cluster, decode)
+    cluster.serve(decode)
     before, after = leave_mid_stream(cluster, decode)
     assert after.delta(before, "generation_tokens") == 200, "the planted frontend did not keep the stream alive"
     with pytest.raises(AssertionError, match="was not aborted"):
@@ -172,7 +165,7 @@ def test_a_frontend_that_keeps_reading_the_decode_stream_fails_the_abort_check(m
 
 def test_a_decode_stream_that_ends_without_done_gives_the_client_an_error_event(cluster, fake_engines):
     decode = fake_engines("decode", end_without_done=True)
-    serve(cluster, decode)
+    cluster.serve(decode)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=20,
                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stream": True}) as resp:
         lines = list(resp.iter_lines())
@@ -186,14 +179,14 @@ def test_the_planted_kv_drop_makes_decode_recompute(make_cluster, fake_engines):
     """The planted bug behind SPEC §7 R7: the checks in suites/ must see local_compute rise."""
     cluster = make_cluster(router=planted("drop_kv_transfer_params"))
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     assert complete(cluster).status_code == 200
     assert decode.state.counters["local_compute"] > 0 and decode.state.counters["external_kv_transfer"] == 0
 
 
 def test_chat_completions_are_templated_from_local_dir_and_shaped_as_chat(cluster, fake_engines):
     decode = fake_engines("decode")
-    serve(cluster, decode)
+    cluster.serve(decode)
     resp = requests.post(f"{cluster.url}/v1/chat/completions", timeout=30, json={
         "model": "tiny", "messages": [{"role": "user", "content": "Hi there"}], "max_completion_tokens": 5})
     assert resp.status_code == 200, resp.text
@@ -223,7 +216,7 @@ def test_sglang_protocol_sends_prefill_and_decode_at_once_with_one_bootstrap_roo
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
     # A launched SGLang prefill's spec names its bootstrap port; its registration publishes it.
     prefill.spec = SimpleNamespace(bootstrap_port=18998)
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     assert complete(cluster).status_code == 200
     deadline = time.monotonic() + 10
     while not prefill.state.bodies and time.monotonic() < deadline:
@@ -245,7 +238,7 @@ def test_an_sglang_prefill_that_fails_ends_the_request_with_its_error_and_aborts
     prefill = fake_engines("prefill", fail_status=500)
     prefill.spec = SimpleNamespace(bootstrap_port=18998)
     decode = fake_engines("decode", token_delay_s=0.02)
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     resp = complete(cluster, stream=stream, max_tokens=64)
     if resp.status_code == 200:  # the decode had answered first: the stream ends on the prefill's error
         assert stream and "event: error" in resp.text and "data: [DONE]" not in resp.text, resp.text[-300:]
@@ -261,7 +254,7 @@ def test_an_sglang_prefill_that_fails_ends_the_request_with_its_error_and_aborts
 @pytest.mark.parametrize("protocol", ["vllm", "sglang"])
 def test_a_decode_that_refuses_the_request_leaves_no_load_behind(make_cluster, fake_engines, protocol):
     cluster = make_cluster(protocol=protocol)
-    serve(cluster, fake_engines("prefill"), fake_engines("decode", fail_status=503))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode", fail_status=503))
     resp = complete(cluster, stream=True)
     assert resp.status_code == 502 and "decode worker" in resp.json()["error"]["message"]
     engine = cluster.frontend.manager.models["tiny"].engine
@@ -277,7 +270,7 @@ def test_a_decode_that_refuses_the_request_leaves_no_load_behind(make_cluster, f
 def test_a_body_that_is_not_a_json_object_is_a_400_that_says_so_and_reaches_no_engine(cluster, fake_engines, raw,
                                                                                         message):
     decode = fake_engines("decode")
-    serve(cluster, decode)
+    cluster.serve(decode)
     resp = requests.post(f"{cluster.url}/v1/completions", data=raw, headers={"Content-Type": "application/json"},
                          timeout=10)
     assert resp.status_code == 400 and message in resp.json()["error"]["message"], resp.text
@@ -287,7 +280,7 @@ def test_a_body_that_is_not_a_json_object_is_a_400_that_says_so_and_reaches_no_e
 def test_round_robin_spreads_decodes_over_every_decoder_with_one_prefill(cluster, fake_engines):
     """Each pool has its own turn: a shared one gave the prefill and the decode every other turn, so
     with one prefill and two decoders every decode went to the same one."""
-    serve(cluster, fake_engines("prefill"), fake_engines("decode", name="decode-a"))
+    cluster.serve(fake_engines("prefill"), fake_engines("decode", name="decode-a"))
     cluster.register(fake_engines("decode", name="decode-b"))
     cluster.wait_until(lambda c: len(c.frontend.manager.models["tiny"].engine.instances("decode")) == 2,
                        "two decoders")
@@ -300,7 +293,7 @@ def test_a_decode_that_never_answers_gets_the_client_a_502_naming_it_within_the_
     the frontend's timeout, not forever, and is told which worker did not answer."""
     cluster = make_cluster(timeout_s=1.0)
     decode = fake_engines("decode", answer_delay_s=30.0)
-    serve(cluster, fake_engines("prefill"), decode)
+    cluster.serve(fake_engines("prefill"), decode)
     started = time.monotonic()
     resp = complete(cluster, stream=True, max_tokens=2)
     took = time.monotonic() - started

@@ -15,15 +15,9 @@ from suites.plugin import _serving_summary
 MESSAGES: list[str] = []
 
 
-def serve(cluster, *engines) -> None:
-    for engine in engines:
-        cluster.register(engine)
-    cluster.wait_for_roles({e.role for e in engines})
-
-
 def test_a_decode_that_fails_its_first_kv_load_is_warmed_on_the_second_try(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode", fail_first=1)
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     failures = warm_up(cluster.url, "tiny", {}, timeout_s=10, progress=MESSAGES.append)
     assert [f["try"] for f in failures] == [1]
     assert "HTTP 502" in failures[0]["answer"] and "Internal server error" in failures[0]["answer"]
@@ -35,14 +29,14 @@ def test_a_decode_that_fails_its_first_kv_load_is_warmed_on_the_second_try(clust
 
 def test_a_healthy_deployment_is_warmed_with_one_request_and_reports_no_failure(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode")
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     assert warm_up(cluster.url, "tiny", {}, timeout_s=10, progress=MESSAGES.append) == []
     assert len(prefill.state.bodies) == len(decode.state.bodies) == 1
 
 
 def test_a_deployment_that_fails_every_try_is_refused_naming_each_answer(cluster, fake_engines):
     prefill, decode = fake_engines("prefill"), fake_engines("decode", fail_first=10)
-    serve(cluster, prefill, decode)
+    cluster.serve(prefill, decode)
     with pytest.raises(WarmUpFailed) as raised:
         warm_up(cluster.url, "tiny", {}, timeout_s=10, progress=MESSAGES.append, tries=2)
     message = str(raised.value)
