@@ -182,28 +182,35 @@ def against_the_peer(table: dict, c: int, what: str) -> dict | None:
         return None
     rounds = [round_figures({arm: table[c][arm]["per_round"][r] for arm in ARMS}, what)
               for r in range(len(table[c]["direct"]["per_round"]))]
-    arms = ("frontend", "vllm-router", "floor")
-    median = {arm: statistics.median(r[arm] for r in rounds) for arm in arms}
-    if what == "tps":
-        vs_peer = statistics.median(r["frontend"] / r["vllm-router"] for r in rounds)
-        verdict = "met" if vs_peer >= 1 else "missed"
-    else:
-        vs_peer = statistics.median(r["frontend"] - r["vllm-router"] for r in rounds)
-        verdict = judge_added(vs_peer, statistics.median(r["floor"] - r["vllm-router"] for r in rounds),
-                              statistics.median(r["frontend"] - r["floor"] for r in rounds))
-    met = sum(1 for r in rounds if (r["frontend"] >= r["vllm-router"] if what == "tps" else judge_added(
-        r["frontend"] - r["vllm-router"], r["floor"] - r["vllm-router"], r["frontend"] - r["floor"]).startswith("met")))
-    return {"unit": "tokens/s" if what == "tps" else "ms added", **median,
+    vs_peer, verdict = paired(rounds, what)
+    met = sum(1 for r in rounds if paired([r], what)[1].startswith("met"))
+    return {"unit": "tokens/s" if what == "tps" else "ms added",
+            **{arm: statistics.median(r[arm] for r in rounds) for arm in RELAYS},
             "frontend_vs_peer": vs_peer, "paired": "ratio" if what == "tps" else "ms more than vllm-router",
             "verdict": verdict, "rounds_met": f"{met} of {len(rounds)}", "per_round": rounds}
+
+
+RELAYS = ("frontend", "vllm-router", "floor")
 
 
 def round_figures(arms: dict[str, dict], what: str) -> dict[str, float]:
     """One round's figure per relay arm: tokens/s, or ms of TTFT p50 added over that round's direct."""
     if what == "tps":
-        return {arm: arms[arm]["tokens_per_s"] for arm in ("frontend", "vllm-router", "floor")}
+        return {arm: arms[arm]["tokens_per_s"] for arm in RELAYS}
     direct = arms["direct"]["ttft_p50_s"]
-    return {arm: (arms[arm]["ttft_p50_s"] - direct) * 1e3 for arm in ("frontend", "vllm-router", "floor")}
+    return {arm: (arms[arm]["ttft_p50_s"] - direct) * 1e3 for arm in RELAYS}
+
+
+def paired(rounds: list[dict[str, float]], what: str) -> tuple[float, str]:
+    """The paired figure over these rounds (the median of each round's frontend against its
+    vllm-router: a ratio of tokens/s, or ms of added TTFT more) and its verdict; one round alone
+    gives that round's own."""
+    if what == "tps":
+        vs_peer = statistics.median(r["frontend"] / r["vllm-router"] for r in rounds)
+        return vs_peer, "met" if vs_peer >= 1 else "missed"
+    vs_peer = statistics.median(r["frontend"] - r["vllm-router"] for r in rounds)
+    return vs_peer, judge_added(vs_peer, statistics.median(r["floor"] - r["vllm-router"] for r in rounds),
+                                statistics.median(r["frontend"] - r["floor"] for r in rounds))
 
 
 def judge_added(over_peer_ms: float, floor_over_peer_ms: float, over_floor_ms: float) -> str:
