@@ -23,6 +23,11 @@ machine is reported as not attainable here, with both figures, rather than faile
 against vllm-router: tokens/s at C=16 and C=64 at least vllm-router's; at C=1 the TTFT p50 added
 over direct no more than vllm-router's, or, where the floor misses that too, within 0.2 ms of the
 floor's.
+
+A fifth arm, "frontend x2", is two whole frontends in two processes on one port
+(`benchmarks/split_frontend.py`): what a multi-process frontend would gain on this machine. It has
+no target and takes no part in the verdicts; the report sets it against the one-process frontend,
+paired round by round.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ CONCURRENCY = tuple(int(c) for c in os.environ.get("DISAGG_BENCH_CONCURRENCY", "
 ROUNDS = int(os.environ.get("DISAGG_BENCH_ROUNDS", "7"))  # a median over rounds: an odd count
 REQUESTS = {1: 400, 16: 400, 64: 640}  # per arm and round
 TOKENS = 64
-ARMS = ("direct", "floor", "vllm-router", "frontend")
+SPLIT = "frontend x2"  # benchmarks/split_frontend.py, two processes
+ARMS = ("direct", "floor", "vllm-router", "frontend", SPLIT)
 TARGETS = {  # name -> (concurrency, what, limit), ratios to direct
     "C=1 TTFT p50 frontend vs direct + 1 ms": (1, "ttft_added", 1.0),
     "C=16 TTFT p50 frontend vs direct": (16, "ttft", 3.0),
@@ -100,6 +106,12 @@ def relays(tmp_path_factory):
                                                        prefill.url, "--decode", decode.url, "--port", str(port)],
                            port, root))
         floor = procs[-1]
+        port = free_port()
+        procs.append(start("bench-split-frontend", "frontend", [sys.executable, "-m", "benchmarks.split_frontend",
+                                                                "--processes", "2", "--store", str(root / "store"),
+                                                                "--cache-root", str(root / "mdc-split"),
+                                                                "--port", str(port)], port, root))
+        split = procs[-1]
         router = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or shutil.which("vllm-router")
         if router is None:
             pytest.skip("needs vllm-router on PATH (pip install vllm-router==0.1.17; tox -e bench installs it)")
@@ -113,7 +125,10 @@ def relays(tmp_path_factory):
             for registration in registrations:
                 registration.start()
             wait_disaggregated(frontend.url)
-            yield {"direct": decode.url, "floor": floor.url, "vllm-router": procs[-1].url, "frontend": frontend.url}
+            for _ in range(20):  # a connection each: the kernel spreads them, so each process has answered
+                wait_disaggregated(split.url)
+            yield {"direct": decode.url, "floor": floor.url, "vllm-router": procs[-1].url, "frontend": frontend.url,
+                   SPLIT: split.url}
             for registration in registrations:
                 registration.stop()
     finally:
@@ -180,25 +195,31 @@ def against_the_peer(table: dict, c: int, what: str) -> dict | None:
     the rounds that met the target on their own."""
     if c not in table:
         return None
-    rounds = [round_figures({arm: table[c][arm]["per_round"][r] for arm in ARMS}, what)
+    rounds = [round_figures({arm: table[c][arm]["per_round"][r] for arm in table[c]}, what)
               for r in range(len(table[c]["direct"]["per_round"]))]
     vs_peer, verdict = paired(rounds, what)
     met = sum(1 for r in rounds if paired([r], what)[1].startswith("met"))
-    return {"unit": "tokens/s" if what == "tps" else "ms added",
-            **{arm: statistics.median(r[arm] for r in rounds) for arm in RELAYS},
-            "frontend_vs_peer": vs_peer, "paired": "ratio" if what == "tps" else "ms more than vllm-router",
-            "verdict": verdict, "rounds_met": f"{met} of {len(rounds)}", "per_round": rounds}
+    out = {"unit": "tokens/s" if what == "tps" else "ms added",
+           **{arm: statistics.median(r[arm] for r in rounds) for arm in rounds[0]},
+           "frontend_vs_peer": vs_peer, "paired": "ratio" if what == "tps" else "ms more than vllm-router",
+           "verdict": verdict, "rounds_met": f"{met} of {len(rounds)}", "per_round": rounds}
+    if SPLIT in rounds[0]:  # what a second process gained, paired as the verdict is; no part of it
+        out["split_vs_frontend"] = statistics.median(r[SPLIT] / r["frontend"] if what == "tps"
+                                                     else r[SPLIT] - r["frontend"] for r in rounds)
+    return out
 
 
 RELAYS = ("frontend", "vllm-router", "floor")
 
 
 def round_figures(arms: dict[str, dict], what: str) -> dict[str, float]:
-    """One round's figure per relay arm: tokens/s, or ms of TTFT p50 added over that round's direct."""
+    """One round's figure per relay arm (the split frontend's where it ran): tokens/s, or ms of TTFT
+    p50 added over that round's direct."""
+    relays = [arm for arm in (*RELAYS, SPLIT) if arm in arms]
     if what == "tps":
-        return {arm: arms[arm]["tokens_per_s"] for arm in RELAYS}
+        return {arm: arms[arm]["tokens_per_s"] for arm in relays}
     direct = arms["direct"]["ttft_p50_s"]
-    return {arm: (arms[arm]["ttft_p50_s"] - direct) * 1e3 for arm in RELAYS}
+    return {arm: (arms[arm]["ttft_p50_s"] - direct) * 1e3 for arm in relays}
 
 
 def paired(rounds: list[dict[str, float]], what: str) -> tuple[float, str]:
@@ -261,6 +282,16 @@ def write_report(table: dict, verdicts: dict, peer: dict, out: Path) -> None:
         paired = f"{v['frontend_vs_peer']:.3f}x" if v["paired"] == "ratio" else f"{v['frontend_vs_peer']:+.2f} ms"
         lines.append(f"| {name} | {v['unit']} | {v['frontend']:.2f} | {v['vllm-router']:.2f} | {v['floor']:.2f} | "
                      f"{paired} | {v['verdict']} | {v['rounds_met']} |")
+    split = {name: v for name, v in peer.items() if "split_vs_frontend" in v}
+    if split:
+        lines += ["", f"What a second frontend process gained ({SPLIT}: two whole frontends on one port, each with "
+                  "its own routing state and metrics, `benchmarks/split_frontend.py`; no target), paired round by "
+                  "round against the one-process frontend:", "",
+                  f"| at | unit | frontend | {SPLIT} | paired: {SPLIT} vs frontend |", "|---|---|---:|---:|---:|"]
+        for name, v in split.items():
+            gain = (f"{v['split_vs_frontend']:.3f}x" if v["paired"] == "ratio"
+                    else f"{v['split_vs_frontend']:+.2f} ms")
+            lines.append(f"| {name.split()[0]} | {v['unit']} | {v['frontend']:.2f} | {v[SPLIT]:.2f} | {gain} |")
     lines += ["", "![relay cost](frontend_concurrency.png)", ""]
     (out / "frontend_concurrency.md").write_text("\n".join(lines))
 

@@ -13,11 +13,15 @@ import uvicorn
 
 
 class _BoundServer:
-    """A socket bound on 127.0.0.1 before any thread starts, so the URL is known at once."""
+    """A socket bound on 127.0.0.1 before any thread starts, so the URL is known at once.
+    `reuse_port`: SO_REUSEPORT, so that servers in several processes share one port, the kernel
+    spreading connections over them (benchmarks/split_frontend.py)."""
 
-    def __init__(self, host: str, port: int, name: str):
+    def __init__(self, host: str, port: int, name: str, reuse_port: bool = False):
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
         self.name = name
@@ -71,8 +75,8 @@ class BackgroundAiohttpServer(_BoundServer):
     thread; the socket is bound first, as above. A client that disconnects cancels its handler
     (`handler_cancellation`), so a relay learns at once that nobody reads its stream."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "server"):
-        super().__init__(host, port, name)
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "server", reuse_port: bool = False):
+        super().__init__(host, port, name, reuse_port)
         self.app = app
         self._loop = None
         self._runner = None

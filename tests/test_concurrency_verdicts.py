@@ -4,14 +4,14 @@ between rounds cannot make a slower frontend pass nor a faster one fail."""
 
 from __future__ import annotations
 
-from benchmarks.test_frontend_concurrency import ARMS, against_the_peer
+from benchmarks.test_frontend_concurrency import ARMS, SPLIT, against_the_peer
 
 
 def table(c: int, rounds: list[dict[str, float]], what: str) -> dict:
     """A bench table at concurrency c from each round's figures: tokens/s, or TTFT p50 in ms."""
     def figures(value: float) -> dict:
         return {"tokens_per_s": value, "ttft_p50_s": None} if what == "tps" else {"ttft_p50_s": value / 1e3}
-    return {c: {arm: {"per_round": [figures(r[arm]) for r in rounds]} for arm in ARMS}}
+    return {c: {arm: {"per_round": [figures(r[arm]) for r in rounds]} for arm in ARMS if arm in rounds[0]}}
 
 
 def test_a_frontend_behind_vllm_router_in_most_rounds_misses_though_its_median_over_rounds_is_higher():
@@ -60,3 +60,22 @@ def test_at_c1_added_latency_is_taken_over_the_same_rounds_direct():
               {"direct": 0.3, "floor": 1.5, "vllm-router": 1.0, "frontend": 0.9}]
     verdict = against_the_peer(table(1, rounds, "ttft"), 1, "ttft_added")
     assert verdict["verdict"] == "met" and verdict["rounds_met"] == "3 of 3"
+
+
+def test_the_split_frontend_is_set_against_the_one_process_frontend_and_never_decides_the_verdict():
+    # Two frontend processes far ahead of vllm-router cannot make the one-process frontend pass.
+    rounds = [{"direct": 100, "floor": 60, "vllm-router": 58, "frontend": 57, SPLIT: 90},
+              {"direct": 100, "floor": 60, "vllm-router": 58, "frontend": 50, SPLIT: 55},
+              {"direct": 100, "floor": 60, "vllm-router": 58, "frontend": 60, SPLIT: 57}]
+    verdict = against_the_peer(table(16, rounds, "tps"), 16, "tps")
+    assert verdict["verdict"] == "missed" and verdict["frontend_vs_peer"] == 57 / 58
+    assert verdict["split_vs_frontend"] == 1.1, "the median of each round's ratio: 90/57, 55/50, 57/60"
+    assert verdict[SPLIT] == 57
+
+
+def test_at_c1_the_split_frontend_gain_is_its_added_ttft_less_the_frontends_in_the_same_round():
+    rounds = [{"direct": 0.3, "floor": 1.5, "vllm-router": 1.0, "frontend": 0.9, SPLIT: 1.1},
+              {"direct": 0.6, "floor": 3.0, "vllm-router": 2.0, "frontend": 1.8, SPLIT: 2.2}]
+    verdict = against_the_peer(table(1, rounds, "ttft"), 1, "ttft_added")
+    assert verdict["verdict"] == "met"
+    assert abs(verdict["split_vs_frontend"] - 0.3) < 1e-9, "(0.2 + 0.4) / 2 ms"

@@ -413,12 +413,15 @@ class Frontend:
     def __init__(self, store: Store, cache_root: str | Path, *, port: int = 0, selection: str = "round_robin",
                  protocol: str = "vllm", timeout_s: float = 120.0, router: type[RoutedEngine] = RoutedEngine,
                  allow_remote_media: bool = False, stale_after_s: float = DEFAULT_LEASE_S,
-                 after_load: Callable[[], None] | None = None):
+                 after_load: Callable[[], None] | None = None, reuse_port: bool = False):
+        """`reuse_port`: share the port with frontends in other processes (SO_REUSEPORT). Each
+        keeps its own routing state and metrics: benchmarks/split_frontend.py, and why that is
+        a bench arm and not a way to run this frontend, docs/benchmarks.md."""
         self.manager = ModelManager(cache_root, selection=selection, protocol=protocol, timeout_s=timeout_s,
                                     router=router, after_load=after_load)
         self.watcher = Watcher(store, self.manager.on_event, stale_after_s=stale_after_s)
         self.server = BackgroundAiohttpServer(create_app(self.manager, allow_remote_media, self.watcher), port=port,
-                                              name="frontend")
+                                              name="frontend", reuse_port=reuse_port)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,72 @@
+"""The relay-cost bench's split arm (benchmarks/split_frontend.py): whole frontends in several
+processes on one port. It must really be several frontends, or the bench's figure for a second
+process measures one; and each keeps its own routing state and metrics, which is why it is a bench
+arm and not a way to run the frontend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from harness.cluster import Cluster
+from harness.engines.launcher import EngineProcess, free_port
+from harness.engines.metrics import Metrics
+from harness.engines.profiles import LaunchSpec
+
+REQUESTS = 40
+
+
+@pytest.fixture
+def split(tmp_path, tiny_model, fake_engines):
+    """Two frontend processes on one port, over a fake prefill and decode: the URL."""
+    with Cluster(tmp_path / "cluster", tiny_model, "tiny", block_size=32, lease_s=10, timeout_s=10) as cluster:
+        cluster.serve(fake_engines("prefill"), fake_engines("decode"))
+        port = free_port()
+        command = [sys.executable, "-m", "benchmarks.split_frontend", "--processes", "2", "--store",
+                   str(cluster.workdir / "discovery"), "--cache-root", str(tmp_path / "mdc"), "--port", str(port)]
+        proc = EngineProcess(LaunchSpec("split-frontend", "frontend", command, {}, port), tmp_path).start()
+        try:
+            proc.wait_healthy(60)
+            wait_all_serving(proc.url)
+            yield proc.url
+        finally:
+            proc.stop(grace_s=5)
+
+
+def wait_all_serving(url: str, timeout_s: float = 60) -> None:
+    """Until 20 requests in a row, a connection each (spread over the processes), are served."""
+    deadline, in_a_row = time.monotonic() + timeout_s, 0
+    while in_a_row < 20:
+        resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2})
+        in_a_row = in_a_row + 1 if resp.status_code == 200 else 0
+        assert time.monotonic() < deadline, f"not every frontend process serves the model: {resp.text[:300]}"
+        time.sleep(0 if in_a_row else 0.2)
+
+
+def requests_counted(url: str) -> float:
+    """What the process this connection reached has counted (its own /metrics)."""
+    families = Metrics.scrape(url).families["disagg_frontend_requests"]
+    return sum(v for name, _, v in families if name.endswith("_total"))
+
+
+def test_each_process_is_a_whole_frontend_that_counts_only_the_requests_it_served(split):
+    before = {requests_counted(split) for _ in range(20)}
+    for _ in range(REQUESTS):  # a connection each, as the kernel spreads connections, not requests
+        resp = httpx.post(f"{split}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2})
+        assert resp.status_code == 200 and resp.headers["x-disagg-mode"] == "disaggregated"
+    after = {requests_counted(split) for _ in range(20)}  # 20 connections: both processes, but 2**-19
+    assert len(before) == len(after) == 2, f"two processes answer on the port: counts {before}, then {after}"
+    assert sum(after) - sum(before) == REQUESTS, "each request is counted once, by the process that served it"
+    assert all(b < a for a, b in zip(sorted(after), sorted(before))), "both served some of them"
+
+
+def test_a_port_the_processes_cannot_share_is_refused_by_name(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.split_frontend", "--store", str(tmp_path / "store"),
+                          "--cache-root", str(tmp_path / "mdc"), "--port", "0"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "--port must be a fixed port" in out.stderr
+    assert not (tmp_path / "mdc").exists() and not (tmp_path / "store").exists(), "nothing is started or written"
