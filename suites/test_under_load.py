@@ -81,12 +81,16 @@ def test_a_frontend_that_drops_the_last_prompt_token_on_every_fourth_request_is_
                                                                                       record_property):
     planted = planted_router("truncate_the_prompt_now_and_then")
 
-    def small_burst_then_outputs() -> None:
+    # The fault hits every fourth request to arrive, and requests arrive close to the order they
+    # were sent in. In a burst of 16 the 4th, 8th, 12th and 16th could all be chat requests
+    # (n = 3, 6, 12, 15), whose outputs the comparison leaves out: one CI run saw the planted fault
+    # pass so. In 32, with every completion compared, the fault lands on several compared ones.
+    def burst_then_outputs() -> None:
         kept: dict = {}
-        load_checks.check_a_burst_is_accounted_for_exactly(planted, requests=16, keep=kept)
-        load_checks.check_outputs_equal_the_reference(planted, kept["answers"], kept["extra"])
+        load_checks.check_a_burst_is_accounted_for_exactly(planted, requests=32, keep=kept)
+        load_checks.check_outputs_equal_the_reference(planted, kept["answers"], kept["extra"], sample=32)
 
-    checks.caught(record_property, "outputs of the burst differ from the aggregated engine's", small_burst_then_outputs)
+    checks.caught(record_property, "outputs of the burst differ from the aggregated engine's", burst_then_outputs)
 
 
 @pytest.mark.spec("8", "R7")
