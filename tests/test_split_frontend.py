@@ -38,11 +38,13 @@ def split(tmp_path, tiny_model, fake_engines):
 
 
 def wait_all_serving(url: str, timeout_s: float = 60) -> None:
-    """Until 20 requests in a row, a connection each (spread over the processes), are served."""
+    """Until 20 requests in a row, a connection each (spread over the processes), are served
+    disaggregated: every process has found both workers."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
     while in_a_row < 20:
         resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2})
-        in_a_row = in_a_row + 1 if resp.status_code == 200 else 0
+        served = resp.status_code == 200 and resp.headers.get("x-disagg-mode") == "disaggregated"
+        in_a_row = in_a_row + 1 if served else 0
         assert time.monotonic() < deadline, f"not every frontend process serves the model: {resp.text[:300]}"
         time.sleep(0 if in_a_row else 0.2)
 
