@@ -18,21 +18,31 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+
+import httpx
 
 
 def serve_one(store: str, cache_root: str, port: int) -> None:
     """One of the processes: a frontend sharing the port, until SIGTERM."""
     from harness.discovery import open_store
+    from harness.frontend.__main__ import serve_until_signalled
     from harness.frontend.server import Frontend
 
-    frontend = Frontend(open_store(store), cache_root, port=port, reuse_port=True, after_load=gc.freeze).start()
-    gc.freeze()  # as `python -m harness.frontend` does: no full collections over what it loaded
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"frontend process listening on {frontend.url}", flush=True)
-    stop.wait()
-    frontend.stop()
+    serve_until_signalled(Frontend(open_store(store), cache_root, port=port, reuse_port=True, after_load=gc.freeze))
+
+
+def wait_each_serving(url: str, model: str, timeout_s: float = 60, in_a_row: int = 20) -> None:
+    """Until `in_a_row` requests in a row, a connection each (the kernel spreads connections over
+    the processes), are served disaggregated: every process has found both workers."""
+    deadline, served = time.monotonic() + timeout_s, 0
+    while served < in_a_row:
+        resp = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": [1, 2, 3], "max_tokens": 2},
+                          timeout=10)
+        ok = resp.status_code == 200 and resp.headers.get("x-disagg-mode") == "disaggregated"
+        served = served + 1 if ok else 0
+        assert time.monotonic() < deadline, f"not every frontend process serves {model!r}: {resp.text[:300]}"
+        time.sleep(0 if served else 0.2)
 
 
 def main() -> None:

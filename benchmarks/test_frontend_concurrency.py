@@ -44,6 +44,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.split_frontend import wait_each_serving
 from fixtures.tiny_llama import cached_tiny_llama
 from harness.discovery import FileStore
 from harness.engines.launcher import EngineProcess, free_port, stderr_progress
@@ -125,8 +126,7 @@ def relays(tmp_path_factory):
             for registration in registrations:
                 registration.start()
             wait_disaggregated(frontend.url)
-            for _ in range(20):  # a connection each: the kernel spreads them, so each process has answered
-                wait_disaggregated(split.url)
+            wait_each_serving(split.url, "fake")
             yield {"direct": decode.url, "floor": floor.url, "vllm-router": procs[-1].url, "frontend": frontend.url,
                    SPLIT: split.url}
             for registration in registrations:
@@ -204,8 +204,7 @@ def against_the_peer(table: dict, c: int, what: str) -> dict | None:
            "frontend_vs_peer": vs_peer, "paired": "ratio" if what == "tps" else "ms more than vllm-router",
            "verdict": verdict, "rounds_met": f"{met} of {len(rounds)}", "per_round": rounds}
     if SPLIT in rounds[0]:  # what a second process gained, paired as the verdict is; no part of it
-        out["split_vs_frontend"] = statistics.median(r[SPLIT] / r["frontend"] if what == "tps"
-                                                     else r[SPLIT] - r["frontend"] for r in rounds)
+        out["split_vs_frontend"] = paired_figure(rounds, what, SPLIT, "frontend")
     return out
 
 
@@ -226,12 +225,17 @@ def paired(rounds: list[dict[str, float]], what: str) -> tuple[float, str]:
     """The paired figure over these rounds (the median of each round's frontend against its
     vllm-router: a ratio of tokens/s, or ms of added TTFT more) and its verdict; one round alone
     gives that round's own."""
+    vs_peer = paired_figure(rounds, what, "frontend", "vllm-router")
     if what == "tps":
-        vs_peer = statistics.median(r["frontend"] / r["vllm-router"] for r in rounds)
         return vs_peer, "met" if vs_peer >= 1 else "missed"
-    vs_peer = statistics.median(r["frontend"] - r["vllm-router"] for r in rounds)
-    return vs_peer, judge_added(vs_peer, statistics.median(r["floor"] - r["vllm-router"] for r in rounds),
-                                statistics.median(r["frontend"] - r["floor"] for r in rounds))
+    return vs_peer, judge_added(vs_peer, paired_figure(rounds, what, "floor", "vllm-router"),
+                                paired_figure(rounds, what, "frontend", "floor"))
+
+
+def paired_figure(rounds: list[dict[str, float]], what: str, arm: str, against: str) -> float:
+    """The median over rounds of `arm` against `against` in the same round: a ratio of tokens/s,
+    or ms of added TTFT more."""
+    return statistics.median(r[arm] / r[against] if what == "tps" else r[arm] - r[against] for r in rounds)
 
 
 def judge_added(over_peer_ms: float, floor_over_peer_ms: float, over_floor_ms: float) -> str:

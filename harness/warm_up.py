@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import requests
 
+from harness.engines.launcher import log_end, log_since
 from harness.errors import HarnessError
 from harness.openai_client import MODE_HEADER
 
@@ -36,21 +37,15 @@ class WarmUpFailed(HarnessError):
 
 def log_offsets(engines: dict[str, Any]) -> dict[str, int]:
     """Where each engine's log ends now (engines without a log file are left out)."""
-    out = {}
-    for role, engine in engines.items():
-        path = getattr(engine, "log_path", None)
-        if path is not None and Path(path).exists():
-            out[role] = Path(path).stat().st_size
-    return out
+    return {role: log_end(Path(engine.log_path)) for role, engine in engines.items()
+            if getattr(engine, "log_path", None) is not None and Path(engine.log_path).exists()}
 
 
 def logged_since(engines: dict[str, Any], offsets: dict[str, int], limit: int = 6) -> list[str]:
     """The lines with a LOG_MARKS mark each engine logged after `offsets`, `role: line`."""
     lines = []
     for role, start in offsets.items():
-        with open(engines[role].log_path, "rb") as f:
-            f.seek(start)
-            new = f.read().decode(errors="replace").splitlines()
+        new = log_since(Path(engines[role].log_path), start).splitlines()
         lines += [f"{role}: {line.strip()[:400]}" for line in new if any(m in line for m in LOG_MARKS)][:limit]
     return lines
 

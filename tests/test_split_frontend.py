@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from benchmarks.split_frontend import wait_each_serving
 from harness.cluster import Cluster
 from harness.engines.launcher import EngineProcess, free_port
 from harness.engines.metrics import Metrics
@@ -31,22 +31,10 @@ def split(tmp_path, tiny_model, fake_engines):
         proc = EngineProcess(LaunchSpec("split-frontend", "frontend", command, {}, port), tmp_path).start()
         try:
             proc.wait_healthy(60)
-            wait_all_serving(proc.url)
+            wait_each_serving(proc.url, "tiny")
             yield proc.url
         finally:
             proc.stop(grace_s=5)
-
-
-def wait_all_serving(url: str, timeout_s: float = 60) -> None:
-    """Until 20 requests in a row, a connection each (spread over the processes), are served
-    disaggregated: every process has found both workers."""
-    deadline, in_a_row = time.monotonic() + timeout_s, 0
-    while in_a_row < 20:
-        resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2})
-        served = resp.status_code == 200 and resp.headers.get("x-disagg-mode") == "disaggregated"
-        in_a_row = in_a_row + 1 if served else 0
-        assert time.monotonic() < deadline, f"not every frontend process serves the model: {resp.text[:300]}"
-        time.sleep(0 if in_a_row else 0.2)
 
 
 def requests_counted(client: httpx.Client, url: str) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from harness.engines.launcher import EngineProcess, Progress, free_port, stderr_progress
+from harness.engines.launcher import EngineProcess, Progress, free_port, log_end, log_since, stderr_progress
 from harness.engines.profiles import EngineProfile
 
 KERNEL_GLOBS = ("*.so", "*.cubin", "*.hsaco")
@@ -130,7 +130,7 @@ def timed_start(profile: EngineProfile, model_dir: Path, served_name: str, roots
                                python, compiled=True, name=name or f"{profile.name}-coldstart-{mode}")
     spec = dataclasses.replace(spec, env={**spec.env, **roots.env(), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
     engine = EngineProcess(spec, log_dir)
-    log_start = engine.log_path.stat().st_size if engine.log_path.exists() else 0
+    log_start = log_end(engine.log_path)
     engine.start()
     try:
         run.health_s = engine.wait_healthy(profile.startup_timeout_s, progress)
@@ -140,9 +140,7 @@ def timed_start(profile: EngineProfile, model_dir: Path, served_name: str, roots
         run.first_token_s = time.monotonic() - engine.started_at
     finally:
         engine.stop()
-    with open(engine.log_path, errors="replace") as f:
-        f.seek(log_start)
-        run.phases = parse_phases(f.read())
+    run.phases = parse_phases(log_since(engine.log_path, log_start))
     run.new_kernels = sorted(roots.kernels() - before)
     run.log = str(engine.log_path)
     progress(f"[coldstart {mode}] /health {run.health_s:.1f} s, first token {run.first_token_s:.1f} s, "

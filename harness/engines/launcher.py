@@ -39,6 +39,18 @@ def stderr_progress(line: str) -> None:
     print(line, file=sys.__stderr__, flush=True)
 
 
+def log_end(path: Path) -> int:
+    """Where a log ends now (0 where there is none yet): `log_since` reads what comes after it."""
+    return path.stat().st_size if path.exists() else 0
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What was written to a log after `offset` (a `log_end`)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         with open(path, errors="replace") as f:

@@ -33,13 +33,18 @@ def main() -> None:
                         "(default: one worker lease, %(default)s s): a worker may have died unseen meanwhile")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # What is loaded at start and with each model (transformers, tokenizers, templates) lives as
-    # long as the process: frozen out of the garbage collector, whose full passes over it paused
-    # every stream for 90-190 ms at a time (issue 10's bench, C=16 TTFT p99).
-    frontend = Frontend(open_store(args.store), args.cache_root or default_cache_root(), port=args.port,
-                        selection=args.selection, protocol=args.protocol, timeout_s=args.timeout,
-                        allow_remote_media=args.allow_remote_media, stale_after_s=args.stale_after,
-                        after_load=gc.freeze).start()
+    serve_until_signalled(Frontend(open_store(args.store), args.cache_root or default_cache_root(), port=args.port,
+                                   selection=args.selection, protocol=args.protocol, timeout_s=args.timeout,
+                                   allow_remote_media=args.allow_remote_media, stale_after_s=args.stale_after,
+                                   after_load=gc.freeze))
+
+
+def serve_until_signalled(frontend: Frontend) -> None:
+    """Start the frontend and serve until SIGTERM or SIGINT. What is loaded at start and with
+    each model (transformers, tokenizers, templates; pass `after_load=gc.freeze`) lives as long as
+    the process: frozen out of the garbage collector, whose full passes over it paused every
+    stream for 90-190 ms at a time (issue 10's bench, C=16 TTFT p99)."""
+    frontend.start()
     gc.freeze()
     print(f"frontend listening on {frontend.url}", flush=True)
     stop = threading.Event()
